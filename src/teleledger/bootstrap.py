@@ -1,0 +1,100 @@
+"""The only place that picks concrete backends and wires the node together.
+
+``build(settings)`` opens (and on first start initialises) ``TELELEDGER_HOME``: the master key,
+the database schema, and the node's signing keys, which are kept in the database sealed under
+the master key so that several processes on one PostgreSQL share them.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from sqlalchemy import Engine
+from sqlalchemy.dialects import postgresql, sqlite
+
+from teleledger.config import Settings
+from teleledger.core.crypto import KeyedHash, LocalMasterKey, MasterKey, new_data_key, open_sealed, seal
+from teleledger.identity.accounts import Accounts
+from teleledger.identity.passwords import Hasher
+from teleledger.identity.tokens import TokenIssuer, TokenVerifier
+from teleledger.records.bundles import BundleProcessor
+from teleledger.records.keys import KeyRing
+from teleledger.records.search import SqlSearch
+from teleledger.records.service import RecordsService
+from teleledger.records.service import Settings as RecordsSettings
+from teleledger.records.store import ResourceStore
+from teleledger.storage import tables as t
+from teleledger.storage.db import get_meta, make_engine, migrate, schema_state
+
+
+@dataclass
+class Node:
+    settings: Settings
+    engine: Engine
+    master: MasterKey
+    records: RecordsService
+    bundles: BundleProcessor
+    accounts: Accounts
+    issuer: TokenIssuer
+    verifier: TokenVerifier
+    node_key: Ed25519PrivateKey
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def load_master_key(settings: Settings) -> MasterKey:
+    if settings.master_key:
+        return LocalMasterKey.from_base64(settings.master_key)
+    return LocalMasterKey.from_file(settings.home / "master.key", create=settings.environment != "production")
+
+
+def _node_secret(engine: Engine, master: MasterKey, name: str) -> bytes:
+    """A 32-byte node secret stored sealed in ``node_meta`` (created once, shared by processes)."""
+    aead = AESGCM(master.derive("teleledger node-meta v1"))
+    with engine.begin() as conn:
+        sealed = get_meta(conn, name)
+        if sealed is None:
+            ins = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(t.node_meta)
+            conn.execute(ins.values(key=name, value=seal(aead, new_data_key(), name.encode()))
+                         .on_conflict_do_nothing(index_elements=["key"]))
+            sealed = get_meta(conn, name)
+    assert sealed is not None
+    return open_sealed(aead, sealed, name.encode(), what=f"node secret {name}")
+
+
+def build(settings: Settings, *, migrate_schema: bool = True) -> Node:
+    settings.check()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    master = load_master_key(settings)
+    engine = make_engine(settings.sqlalchemy_url)
+    if migrate_schema:
+        schema_state(engine)  # refuses a foreign or newer database before touching it
+        migrate(engine)
+    node_key = Ed25519PrivateKey.from_private_bytes(_node_secret(engine, master, "node-signing-key"))
+    index_hash = KeyedHash(master.derive("teleledger search-index v1"))
+    store = ResourceStore(KeyRing(master), index_hash)
+    records = RecordsService(
+        engine, store, SqlSearch(index_hash),
+        RecordsSettings(base_url=settings.public_url, default_count=settings.default_page_size,
+                        max_count=settings.max_page_size),
+    )
+    hasher = Hasher.for_tests() if settings.password_hashing == "fast" else Hasher()
+    issuer = TokenIssuer(node_key, issuer=settings.public_url, audience=settings.public_url + "/fhir",
+                         ttl=timedelta(seconds=settings.token_ttl_seconds), now=_utcnow)
+    verifier = TokenVerifier([node_key.public_key()], issuer=settings.public_url,
+                             audience=settings.public_url + "/fhir", now=_utcnow)
+    return Node(settings, engine, master, records, BundleProcessor(records), Accounts(engine, hasher), issuer, verifier,
+                node_key)
+
+
+def master_key_fingerprint(master: MasterKey) -> str:
+    return base64.b16encode(master.derive("teleledger fingerprint v1")[:6]).decode().lower()

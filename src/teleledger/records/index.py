@@ -1,0 +1,84 @@
+"""Turn a resource's search-parameter values into index rows, hashing what identifies a patient.
+
+The extraction (which values a parameter has) is the pure ``teleledger.fhir.searchparams``;
+this module decides how each value is *stored*: keyed hash, coarsened, or clear (see
+``storage.tables`` for the why of each).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import datetime, timezone
+
+from teleledger.core.crypto import KeyedHash
+from teleledger.fhir import searchparams as sp
+from teleledger.fhir.query import normalize_string
+
+# prefixes longer than this are not indexed: a prefix search longer than it is matched on the
+# exact term or after decryption
+MAX_PREFIX = 32
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def year_range(low_us: int, high_us: int) -> tuple[int, int]:
+    """Coarsen a date range to whole UTC years (for birth dates: the index must not hold the day)."""
+    lo = _EPOCH.timestamp()
+    y1 = datetime.fromtimestamp(lo + low_us / 1e6, tz=timezone.utc).year if low_us > -62135596800_000_000 else 1
+    y2 = datetime.fromtimestamp(lo + high_us / 1e6, tz=timezone.utc).year if high_us < 253402300799_000_000 else 9999
+    start = int((datetime(y1, 1, 1, tzinfo=timezone.utc) - _EPOCH).total_seconds() * 1_000_000)
+    end = (
+        int((datetime(y2 + 1, 1, 1, tzinfo=timezone.utc) - _EPOCH).total_seconds() * 1_000_000) - 1
+        if y2 < 9999
+        else high_us
+    )
+    return start, end
+
+
+def token_hashes(h: KeyedHash, system: str | None, code: str) -> tuple[str, str, str]:
+    return h.digest("c", code), h.digest("s", system or ""), h.digest("sc", system or "", code)
+
+
+def string_terms(h: KeyedHash, value: str) -> set[str]:
+    norm = normalize_string(value)
+    terms = {h.digest("e", value)}
+    for i in range(1, min(len(norm), MAX_PREFIX) + 1):
+        terms.add(h.digest("p", norm[:i]))
+    return terms
+
+
+def build_rows(resource: dict, res_type: str, res_id: str, h: KeyedHash) -> dict[str, list[dict]]:
+    """Index rows per table name for one resource version."""
+    params = sp.params_for(res_type)
+    rows: dict[str, list[dict]] = defaultdict(list)
+    seen: set = set()
+    for entry in sp.extract(resource):
+        if entry in seen:
+            continue
+        seen.add(entry)
+        param = params.get(entry.param)
+        if param is None:
+            continue
+        base = {"res_type": res_type, "res_id": res_id, "param": entry.param}
+        if isinstance(entry, sp.TokenEntry):
+            c, s, sc = token_hashes(h, entry.system, entry.code)
+            rows["idx_token"].append({**base, "code_h": c, "sys_h": s, "sys_code_h": sc})
+        elif isinstance(entry, sp.StringEntry):
+            if param.phi:
+                for term in string_terms(h, entry.value):
+                    rows["idx_string_hash"].append({**base, "term_h": term})
+            else:
+                rows["idx_string"].append({**base, "norm": normalize_string(entry.value)[:255], "exact": entry.value})
+        elif isinstance(entry, sp.DateEntry):
+            low, high = (year_range(entry.low, entry.high)) if param.phi else (entry.low, entry.high)
+            rows["idx_date"].append({**base, "low": low, "high": high})
+        elif isinstance(entry, sp.ReferenceEntry):
+            rows["idx_reference"].append({**base, "target_type": entry.type or "", "target_id": entry.id})
+        elif isinstance(entry, sp.QuantityEntry):
+            rows["idx_quantity"].append(
+                {**base, "value": float(entry.value), "system": entry.system or "", "code": entry.code or entry.unit or ""}
+            )
+    # blind-index terms repeat across name parts: store each once
+    if "idx_string_hash" in rows:
+        uniq = {(r["param"], r["term_h"]): r for r in rows["idx_string_hash"]}
+        rows["idx_string_hash"] = list(uniq.values())
+    return rows

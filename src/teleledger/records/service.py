@@ -1,0 +1,428 @@
+"""The FHIR record use cases: each one opens a unit of work, asks the policy decision point,
+calls the store, and commits once.
+
+This module never speaks HTTP: it takes plain values (a principal, a resource dict, query
+items) and returns stored resources or Bundles as dicts, raising ``TeleledgerError``s that the
+web layer turns into OperationOutcomes. Authorization is decided only by
+``teleledger.policy.decide``; this module applies the decision (deny → 403 for a patient's own
+types, 404 when the resource's existence itself would leak, see ``_deny``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from urllib.parse import urlencode
+
+from sqlalchemy import Connection, Engine, and_, exists, func, literal, select
+
+from teleledger.core.errors import Forbidden, InvalidInput, NotFound, PayloadTooLarge, PreconditionFailed
+from teleledger.fhir import compartment
+from teleledger.fhir import query as fq
+from teleledger.fhir import searchparams as sp
+from teleledger.fhir.outcome import outcome
+from teleledger.fhir.validation import validate
+from teleledger.policy import decide as policy
+from teleledger.policy.model import AccessRequest, Decision, Principal
+from teleledger.records.search import (
+    CARE_PARAMS,
+    CARE_TYPES,
+    R,
+    SqlSearch,
+    Visibility,
+    care_patients_subquery,
+    visibility_clause,
+)
+from teleledger.records.store import ResourceStore, Stored, instant
+from teleledger.storage import tables as t
+from teleledger.storage.db import UnitOfWork
+
+# a search whose exact match needs decryption may scan at most this many candidates
+MAX_POST_FILTER = 20_000
+
+
+class SqlCareRelationships:
+    """Care relationships read from the index (Encounter/Appointment/CareTeam naming both)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self._cache: dict[tuple[str, str], bool] = {}
+
+    def has_care_relationship(self, practitioner_id: str, patient_id: str) -> bool:
+        key = (practitioner_id, patient_id)
+        hit = self._cache.get(key)
+        if hit is None:
+            sub = care_patients_subquery(practitioner_id).where(
+                t.resource_compartments.c.patient_id == patient_id
+            )
+            hit = bool(self.conn.execute(select(exists(sub))).scalar())
+            self._cache[key] = hit
+        return hit
+
+
+@dataclass
+class Settings:
+    base_url: str
+    default_count: int = 50
+    max_count: int = 1000
+
+
+def visibility_for(principal: Principal) -> Visibility:
+    f = policy.search_filter(principal)
+    name = type(f).__name__
+    if name == "All":
+        return Visibility("all")
+    if name == "Compartments":
+        return Visibility("compartments", patient_ids=frozenset(f.patient_ids))
+    if name == "CareTeamOf":
+        return Visibility("care_team", practitioner_id=f.practitioner_id)
+    if name == "PublicOnly":
+        return Visibility("public")
+    return Visibility("nothing")
+
+
+class RecordsService:
+    def __init__(self, engine: Engine, store: ResourceStore, search: SqlSearch, settings: Settings) -> None:
+        self.engine = engine
+        self.store = store
+        self.sql = search
+        self.settings = settings
+
+    # ---- authorization ----------------------------------------------------------------------
+
+    def _decide(self, conn: Connection, principal: Principal, action: str, resource_type: str, patients, *,
+                establishes_care: bool = False) -> Decision:  # type: ignore[no-untyped-def]
+        req = AccessRequest(action=action, resource_type=resource_type, patient_ids=frozenset(patients),
+                            establishes_care=establishes_care)
+        return policy.decide(principal, req, SqlCareRelationships(conn))
+
+    @staticmethod
+    def _deny(decision: Decision, what: str) -> None:
+        if not decision.allowed:
+            # 403 with the rule, never with data: the reason names a rule, not a patient
+            raise Forbidden(f"access to {what} denied: {decision.detail} ({decision.reason})")
+
+    def _establishes_care(self, principal: Principal, resource: dict) -> bool:
+        if resource.get("resourceType") not in CARE_TYPES or not principal.practitioner_id:
+            return False
+        for entry in sp.extract(resource):
+            if (
+                isinstance(entry, sp.ReferenceEntry)
+                and entry.param in CARE_PARAMS
+                and entry.type == "Practitioner"
+                and entry.id == principal.practitioner_id
+            ):
+                return True
+        return False
+
+    def check_write_in(self, conn: Connection, principal: Principal, action: str, resource: dict) -> None:
+        self._check_write(conn, principal, action, resource)
+
+    def _check_write(self, conn: Connection, principal: Principal, action: str, resource: dict) -> None:
+        rt = resource["resourceType"]
+        patients = compartment.patient_ids(resource)
+        d = self._decide(conn, principal, action, rt, patients, establishes_care=self._establishes_care(principal, resource))
+        self._deny(d, f"{action} {rt}")
+
+    # ---- instance interactions --------------------------------------------------------------
+
+    def create(self, principal: Principal, resource: object, *, if_none_exist: str | None = None) -> tuple[Stored, bool]:
+        """create / conditional create (https://hl7.org/fhir/R4/http.html#create, #ccreate)."""
+        with UnitOfWork(self.engine) as uow:
+            result = self.create_in(uow.c, principal, resource, if_none_exist=if_none_exist)
+            uow.commit()
+        return result
+
+    def create_in(self, c: Connection, principal: Principal, resource: object, *,
+                  if_none_exist: str | None = None, res_id: str | None = None) -> tuple[Stored, bool]:
+        rt = validate(resource)
+        assert isinstance(resource, dict)
+        if if_none_exist:
+            matches = self._conditional_matches(c, principal, rt, if_none_exist)
+            if len(matches) > 1:
+                raise PreconditionFailed(f"If-None-Exist matched {len(matches)} {rt} resources; it must match at most one")
+            if matches:
+                return matches[0], False
+        self._check_write(c, principal, "create", resource)
+        resource = dict(resource)
+        resource.pop("id", None)
+        return self.store.create(c, resource, res_id=res_id), True
+
+    def read(self, principal: Principal, res_type: str, res_id: str) -> Stored:
+        """read (https://hl7.org/fhir/R4/http.html#read)."""
+        with UnitOfWork(self.engine) as uow:
+            stored = self.store.read(uow.c, res_type, res_id)
+            self._check_read(uow.c, principal, "read", stored)
+            return stored
+
+    def vread(self, principal: Principal, res_type: str, res_id: str, version: int) -> Stored:
+        """vread (https://hl7.org/fhir/R4/http.html#vread)."""
+        with UnitOfWork(self.engine) as uow:
+            stored = self.store.vread(uow.c, res_type, res_id, version)
+            self._check_read(uow.c, principal, "vread", stored)
+            return stored
+
+    def _check_read(self, conn: Connection, principal: Principal, action: str, stored: Stored) -> None:
+        assert stored.body is not None
+        d = self._decide(conn, principal, action, stored.res_type, compartment.patient_ids(stored.body))
+        self._deny(d, f"{stored.res_type}/{stored.res_id}")
+
+    def update(self, principal: Principal, res_type: str, res_id: str, resource: object, *,
+               if_match: int | None = None) -> tuple[Stored, bool]:
+        """update / create-on-update (https://hl7.org/fhir/R4/http.html#update)."""
+        with UnitOfWork(self.engine) as uow:
+            result = self.update_in(uow.c, principal, res_type, res_id, resource, if_match=if_match)
+            uow.commit()
+        return result
+
+    def update_in(self, c: Connection, principal: Principal, res_type: str, res_id: str, resource: object, *,
+                  if_match: int | None = None) -> tuple[Stored, bool]:
+        validate(resource, expected_type=res_type)
+        assert isinstance(resource, dict)
+        if resource.get("id") != res_id:
+            raise InvalidInput(f"the body's id {resource.get('id')!r} does not match {res_id!r} in the URL")
+        if self.store.exists(c, res_type, res_id):
+            # both the old and the new content must be writable by this principal
+            self._check_write(c, principal, "update", self.store.read(c, res_type, res_id).body)  # type: ignore[arg-type]
+        self._check_write(c, principal, "update", resource)
+        return self.store.update(c, dict(resource), res_id, if_match=if_match)
+
+    def delete(self, principal: Principal, res_type: str, res_id: str) -> Stored | None:
+        """delete (https://hl7.org/fhir/R4/http.html#delete); deleting twice is not an error."""
+        with UnitOfWork(self.engine) as uow:
+            stored = self.delete_in(uow.c, principal, res_type, res_id)
+            uow.commit()
+        return stored
+
+    def delete_in(self, c: Connection, principal: Principal, res_type: str, res_id: str) -> Stored | None:
+        if self.store.exists(c, res_type, res_id):
+            current = self.store.read(c, res_type, res_id)
+            self._check_write(c, principal, "delete", current.body)  # type: ignore[arg-type]
+        else:
+            self._deny(self._decide(c, principal, "delete", res_type, frozenset()), f"delete {res_type}")
+        return self.store.delete(c, res_type, res_id)
+
+    def read_in(self, c: Connection, principal: Principal, res_type: str, res_id: str) -> Stored:
+        stored = self.store.read(c, res_type, res_id)
+        self._check_read(c, principal, "read", stored)
+        return stored
+
+    # ---- search -----------------------------------------------------------------------------
+
+    def _conditional_matches(self, conn: Connection, principal: Principal, rt: str, query: str) -> list[Stored]:
+        from urllib.parse import parse_qsl
+
+        items = parse_qsl(query.lstrip("?"), keep_blank_values=True)
+        if not items:
+            raise InvalidInput(f"empty conditional criteria for {rt}")
+        ps = fq.parse_search(rt, items, strict=True, max_count=self.settings.max_count)
+        total, page, _ = self._run_search(conn, principal, ps, limit=3, offset=0)
+        return page
+
+    def _run_search(self, conn: Connection, principal: Principal, ps: fq.ParsedSearch, *, limit: int,
+                    offset: int) -> tuple[int, list[Stored], bool]:
+        d = self._decide(conn, principal, "search", ps.resource_type, frozenset())
+        self._deny(d, f"search {ps.resource_type}")
+        vis = visibility_for(principal)
+        plan = self.sql.plan(ps)
+        where = [R.c.res_type == ps.resource_type, R.c.deleted.is_(False), *plan.where,
+                 visibility_clause(vis, R.c.res_type, R.c.res_id)]
+        if not plan.post:
+            total = conn.execute(select(func.count()).select_from(R).where(*where)).scalar_one()
+            if limit == 0:
+                return total, [], False
+            ids = conn.execute(select(R.c.res_id).where(*where).order_by(*plan.order_by).limit(limit).offset(offset)).scalars().all()
+            loaded = self.store.load_current(conn, [(ps.resource_type, i) for i in ids])
+            page = [loaded[(ps.resource_type, i)] for i in ids if (ps.resource_type, i) in loaded]
+            return total, page, False
+        ids = conn.execute(select(R.c.res_id).where(*where).order_by(*plan.order_by).limit(MAX_POST_FILTER + 1)).scalars().all()
+        if len(ids) > MAX_POST_FILTER:
+            raise PayloadTooLarge(
+                f"this search must be matched after decryption and has over {MAX_POST_FILTER} candidates; "
+                "narrow it with another parameter"
+            )
+        loaded = self.store.load_current(conn, [(ps.resource_type, i) for i in ids])
+        matched = [s for i in ids if (s := loaded.get((ps.resource_type, i))) and self._post_ok(s.body, plan.post)]
+        return len(matched), matched[offset : offset + limit], True
+
+    @staticmethod
+    def _post_ok(body: dict | None, conds: Sequence[fq.Condition]) -> bool:
+        if body is None:
+            return False
+        entries = sp.extract(body)
+        for cond in conds:
+            assert cond.param is not None
+            mine = [e for e in entries if e.param == cond.param.name]
+            if not any(fq.matches(e, v, cond.modifier) for e in mine for v in cond.values):
+                return False
+        return True
+
+    def search(self, principal: Principal, res_type: str, items: Sequence[tuple[str, str]], *,
+               strict: bool = False) -> dict:
+        """search (https://hl7.org/fhir/R4/search.html) → a searchset Bundle."""
+        ps = fq.parse_search(res_type, items, strict=strict, max_count=self.settings.max_count,
+                             default_count=self.settings.default_count)
+        count = ps.count if ps.count is not None else self.settings.default_count
+        with UnitOfWork(self.engine) as uow:
+            c = uow.c
+            limit = 0 if ps.summary == "count" else count
+            total, page, _ = self._run_search(c, principal, ps, limit=limit, offset=ps.offset)
+            entries = [self._entry(s, "match", ps.elements) for s in page]
+            if page and (ps.include or ps.revinclude):
+                entries += [self._entry(s, "include") for s in self._includes(c, principal, ps, page)]
+        bundle: dict = {"resourceType": "Bundle", "type": "searchset"}
+        if ps.total != "none":
+            bundle["total"] = total
+        bundle["link"] = self._links(res_type, items, ps.offset, count, total, ps.summary == "count")
+        if ps.unknown:
+            entries.append({
+                "resource": outcome("warning", "not-supported",
+                                    f"unknown search parameters ignored: {', '.join(ps.unknown)}"),
+                "search": {"mode": "outcome"},
+            })
+        bundle["entry"] = entries
+        if not entries:
+            del bundle["entry"]
+        return bundle
+
+    def _includes(self, conn: Connection, principal: Principal, ps: fq.ParsedSearch, page: list[Stored]) -> list[Stored]:
+        ref = t.idx_reference
+        keys: list[tuple[str, str]] = []
+        page_ids = [s.res_id for s in page]
+        for inc in ps.include:
+            q = select(ref.c.target_type, ref.c.target_id).where(
+                ref.c.res_type == ps.resource_type, ref.c.param == inc.param, ref.c.res_id.in_(page_ids)
+            )
+            if inc.target_type:
+                q = q.where(ref.c.target_type == inc.target_type)
+            keys += [(tt, ti) for tt, ti in conn.execute(q) if tt]
+        for inc in ps.revinclude:
+            q = select(ref.c.res_type, ref.c.res_id).where(
+                ref.c.res_type == inc.source_type,
+                ref.c.param == inc.param,
+                ref.c.target_id.in_(page_ids),
+                ref.c.target_type.in_([ps.resource_type, ""]),
+            )
+            keys += list(conn.execute(q).tuples())
+        seen = {(s.res_type, s.res_id) for s in page}
+        wanted = [k for k in dict.fromkeys(keys) if k not in seen]
+        loaded = self.store.load_current(conn, wanted)
+        out = []
+        for key in wanted:
+            s = loaded.get(key)
+            if s is None:
+                continue
+            # every included resource passes the same decision point as a direct read
+            if self._decide(conn, principal, "read", s.res_type, compartment.patient_ids(s.body or {})).allowed:
+                out.append(s)
+        return out
+
+    def _entry(self, s: Stored, mode: str, elements: Sequence[str] = ()) -> dict:
+        body = s.body
+        if elements and body is not None:
+            keep = {"resourceType", "id", "meta", *elements}
+            body = {k: v for k, v in body.items() if k in keep}
+            meta = dict(body.get("meta") or {})
+            meta["tag"] = [*meta.get("tag", []), {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
+                                                  "code": "SUBSETTED"}]
+            body["meta"] = meta
+        return {"fullUrl": f"{self.settings.base_url}/fhir/{s.res_type}/{s.res_id}", "resource": body,
+                "search": {"mode": mode}}
+
+    def _links(self, path: str, items: Sequence[tuple[str, str]], offset: int, count: int, total: int,
+               summary_count: bool) -> list[dict]:
+        base = [(k, v) for k, v in items if k not in ("_offset", "_count")]
+
+        def url(off: int) -> str:
+            return f"{self.settings.base_url}/fhir/{path}?" + urlencode([*base, ("_count", str(count)), ("_offset", str(off))])
+
+        links = [{"relation": "self", "url": url(offset)}]
+        if summary_count:
+            return links
+        links.append({"relation": "first", "url": url(0)})
+        if offset + count < total:
+            links.append({"relation": "next", "url": url(offset + count)})
+        if offset > 0:
+            links.append({"relation": "previous", "url": url(max(0, offset - count))})
+        last = max(0, ((total - 1) // count) * count) if total else 0
+        links.append({"relation": "last", "url": url(last)})
+        return links
+
+    # ---- history ----------------------------------------------------------------------------
+
+    def history(self, principal: Principal, res_type: str, res_id: str | None, items: Sequence[tuple[str, str]]) -> dict:
+        """history (https://hl7.org/fhir/R4/http.html#history), instance and type level."""
+        params = dict(items)
+        try:
+            count = min(int(params.get("_count", self.settings.default_count)), self.settings.max_count)
+            offset = int(params.get("_offset", 0))
+            if count < 0 or offset < 0:
+                raise ValueError
+        except ValueError:
+            raise InvalidInput("_count and _offset must be non-negative integers") from None
+        since = None
+        if "_since" in params:
+            since = fq.date_range(params["_since"])[0]
+        with UnitOfWork(self.engine) as uow:
+            c = uow.c
+            if res_id is not None:
+                cur = self.store._current(c, res_type, res_id)
+                if cur is None:
+                    raise NotFound(f"{res_type}/{res_id} is not known")
+                # authorize on the latest readable content (a deleted resource: the version before)
+                total, versions = self.store.history(c, res_type, res_id, since=since, count=10_000, offset=0)
+                latest = next((v for v in versions if v.body is not None), None)
+                patients = compartment.patient_ids(latest.body) if latest and latest.body else frozenset()
+                self._deny(self._decide(c, principal, "history", res_type, patients), f"{res_type}/{res_id}")
+                versions = versions[offset : offset + count]
+            else:
+                self._deny(self._decide(c, principal, "history", res_type, frozenset()), f"history of {res_type}")
+                vis = visibility_for(principal)
+                total, versions = self.store.history(
+                    c, res_type, None, since=since, count=count, offset=offset,
+                    restrict=lambda tc, ic: visibility_clause(vis, tc, ic),
+                )
+        entries = []
+        for v in versions:
+            e: dict = {"fullUrl": f"{self.settings.base_url}/fhir/{v.res_type}/{v.res_id}"}
+            if v.body is not None:
+                e["resource"] = v.body
+            method = {"create": "POST", "update": "PUT", "delete": "DELETE"}[v.method]
+            e["request"] = {"method": method, "url": f"{v.res_type}" + ("" if method == "POST" else f"/{v.res_id}")}
+            e["response"] = {"status": {"create": "201 Created", "update": "200 OK", "delete": "204 No Content"}[v.method],
+                             "etag": f'W/"{v.version}"', "lastModified": instant(v.last_updated)}
+            entries.append(e)
+        path = f"{res_type}/{res_id}/_history" if res_id else f"{res_type}/_history"
+        return {"resourceType": "Bundle", "type": "history", "total": total,
+                "link": self._links(path, items, offset, max(count, 1), total, False), "entry": entries}
+
+    # ---- $everything ------------------------------------------------------------------------
+
+    def everything(self, principal: Principal, patient_id: str, items: Sequence[tuple[str, str]] = ()) -> dict:
+        """Patient/[id]/$everything (https://hl7.org/fhir/R4/patient-operation-everything.html)."""
+        with UnitOfWork(self.engine) as uow:
+            c = uow.c
+            patient = self.store.read(c, "Patient", patient_id)
+            self._check_read(c, principal, "read", patient)
+            comp = t.resource_compartments
+            keys = [tuple(r) for r in c.execute(
+                select(comp.c.res_type, comp.c.res_id).where(comp.c.patient_id == patient_id)
+                .order_by(comp.c.res_type, comp.c.res_id)
+            )]
+            loaded = self.store.load_current(c, keys)  # type: ignore[arg-type]
+            out = [patient] + [s for k, s in loaded.items() if k != ("Patient", patient_id)]
+            # the practitioners, organizations and locations they reference, as the spec allows
+            refs = select(t.idx_reference.c.target_type, t.idx_reference.c.target_id).where(
+                t.idx_reference.c.target_type.in_(["Practitioner", "Organization", "Location"]),
+                exists(select(literal(1)).where(and_(comp.c.patient_id == patient_id,
+                                                     comp.c.res_type == t.idx_reference.c.res_type,
+                                                     comp.c.res_id == t.idx_reference.c.res_id))),
+            ).distinct()
+            extra = self.store.load_current(c, [tuple(r) for r in c.execute(refs)])  # type: ignore[misc]
+            allowed = []
+            for s in out + list(extra.values()):
+                d = self._decide(c, principal, "read", s.res_type, compartment.patient_ids(s.body or {}))
+                if d.allowed:
+                    allowed.append(s)
+        return {"resourceType": "Bundle", "type": "searchset", "total": len(allowed),
+                "entry": [self._entry(s, "match") for s in allowed]}

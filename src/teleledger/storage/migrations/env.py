@@ -1,0 +1,16 @@
+"""Alembic environment: runs on the connection handed over by ``teleledger.storage.db.migrate``."""
+
+from alembic import context
+from sqlalchemy import create_engine
+
+from teleledger.storage.tables import metadata
+
+connection = context.config.attributes.get("connection")
+if connection is None:
+    # `alembic revision --autogenerate` run by a developer against a scratch database
+    url = context.config.get_main_option("sqlalchemy.url") or "sqlite://"
+    connection = create_engine(url).connect()
+
+context.configure(connection=connection, target_metadata=metadata, render_as_batch=True)
+with context.begin_transaction():
+    context.run_migrations()

@@ -1,0 +1,218 @@
+"""FHIR R4 REST routes at ``/fhir`` (https://hl7.org/fhir/R4/http.html).
+
+Routes parse HTTP (body, headers, query) and call one records use case; they do no SQL and no
+authorization (the principal is authenticated by ``Ctx``; access is decided in ``policy``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+
+from teleledger import __version__
+from teleledger.core.errors import InvalidInput, NotFound, PayloadTooLarge
+from teleledger.fhir import searchparams as sp
+from teleledger.records.bundles import parse_etag
+from teleledger.records.store import Stored, instant
+from teleledger.web.deps import Ctx, NodeDep
+from teleledger.web.errors import FHIR_JSON
+
+router = APIRouter(prefix="/fhir")
+
+
+def fhir_response(body: Any, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type=FHIR_JSON, headers=headers)
+
+
+def _resource_response(node, stored: Stored, status: int = 200) -> Response:  # type: ignore[no-untyped-def]
+    headers = {"ETag": stored.etag, "Last-Modified": instant(stored.last_updated)}
+    if status == 201:
+        headers["Location"] = f"{node.settings.public_url}/fhir/{stored.res_type}/{stored.res_id}/_history/{stored.version}"
+    return fhir_response(stored.body, status, headers)
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {limit}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes")
+    if not body:
+        raise InvalidInput("the request has no body; send a FHIR resource as JSON")
+    ctype = request.headers.get("content-type", "application/fhir+json").split(";")[0].strip().lower()
+    if ctype not in ("application/fhir+json", "application/json", "application/json+fhir", ""):
+        raise InvalidInput(f"content type {ctype} is not supported; send application/fhir+json")
+    try:
+        return orjson.loads(bytes(body))
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+
+
+def _check_type(res_type: str) -> None:
+    if res_type not in sp.supported_types():
+        raise NotFound(f"resource type {res_type!r} is not supported by this server (see /fhir/metadata)")
+
+
+def _query(request: Request) -> list[tuple[str, str]]:
+    return list(request.query_params.multi_items())
+
+
+def _strict(request: Request) -> bool:
+    return "handling=strict" in request.headers.get("prefer", "").replace(" ", "").lower()
+
+
+def _version(vid: str) -> int:
+    try:
+        v = int(vid)
+    except ValueError:
+        raise NotFound(f"version {vid!r} is not a version number") from None
+    if v < 1:
+        raise NotFound(f"version {vid!r} does not exist")
+    return v
+
+
+@router.get("/metadata")
+async def metadata(node: NodeDep) -> Response:
+    """CapabilityStatement (https://hl7.org/fhir/R4/capabilitystatement.html): exactly what we support."""
+    return fhir_response(capability_statement(node.settings.public_url))
+
+
+def capability_statement(base: str) -> dict:
+    resources = []
+    for rt in sp.supported_types():
+        params = sp.params_for(rt)
+        resources.append({
+            "type": rt,
+            "interaction": [{"code": c} for c in
+                            ("read", "vread", "update", "delete", "history-instance", "history-type", "create",
+                             "search-type")],
+            "versioning": "versioned-update",
+            "readHistory": True,
+            "updateCreate": True,
+            "conditionalCreate": True,
+            "conditionalUpdate": False,
+            "conditionalDelete": "not-supported",
+            "searchInclude": sorted(f"{rt}:{p.name}" for p in params.values() if p.type == "reference"),
+            "searchParam": [{"name": "_id", "type": "token"}, {"name": "_lastUpdated", "type": "date"}]
+            + [{"name": p.name, "type": p.type} for p in sorted(params.values(), key=lambda p: p.name)],
+            **({"operation": [{"name": "everything",
+                               "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"}]}
+               if rt == "Patient" else {}),
+        })
+    return {
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": "2026-11-25",
+        "kind": "instance",
+        "software": {"name": "teleledger", "version": __version__},
+        "implementation": {"description": "teleledger FHIR R4 server", "url": f"{base}/fhir"},
+        "fhirVersion": "4.0.1",
+        "format": ["application/fhir+json", "json"],
+        "rest": [{
+            "mode": "server",
+            "security": {
+                "cors": False,
+                "service": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                                         "code": "SMART-on-FHIR"}]}],
+                "extension": [{
+                    "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                    "extension": [{"url": "token", "valueUri": f"{base}/auth/token"}],
+                }],
+            },
+            "resource": resources,
+            "interaction": [{"code": "transaction"}, {"code": "batch"}],
+        }],
+    }
+
+
+@router.post("")
+@router.post("/")
+async def transaction(request: Request, node: NodeDep, who: Ctx) -> Response:
+    """batch / transaction (https://hl7.org/fhir/R4/http.html#transaction)."""
+    bundle = await read_json(request, node.settings.max_body_bytes)
+    return fhir_response(await run_in_threadpool(node.bundles.process, who, bundle))
+
+
+@router.get("/Patient/{res_id}/$everything")
+async def everything(res_id: str, request: Request, node: NodeDep, who: Ctx) -> Response:
+    return fhir_response(await run_in_threadpool(node.records.everything, who, res_id, _query(request)))
+
+
+@router.get("/{res_type}")
+async def search(res_type: str, request: Request, node: NodeDep, who: Ctx) -> Response:
+    """search-type (https://hl7.org/fhir/R4/http.html#search)."""
+    _check_type(res_type)
+    return fhir_response(await run_in_threadpool(node.records.search, who, res_type, _query(request),
+                                                 strict=_strict(request)))
+
+
+@router.post("/{res_type}/_search")
+async def search_post(res_type: str, request: Request, node: NodeDep, who: Ctx) -> Response:
+    _check_type(res_type)
+    form = await request.form()
+    items = _query(request) + [(k, str(v)) for k, v in form.multi_items()]
+    return fhir_response(await run_in_threadpool(node.records.search, who, res_type, items, strict=_strict(request)))
+
+
+@router.get("/{res_type}/_history")
+async def history_type(res_type: str, request: Request, node: NodeDep, who: Ctx) -> Response:
+    _check_type(res_type)
+    return fhir_response(await run_in_threadpool(node.records.history, who, res_type, None, _query(request)))
+
+
+@router.post("/{res_type}")
+async def create(res_type: str, request: Request, node: NodeDep, who: Ctx) -> Response:
+    """create (https://hl7.org/fhir/R4/http.html#create), conditional with If-None-Exist."""
+    _check_type(res_type)
+    resource = await read_json(request, node.settings.max_body_bytes)
+    if isinstance(resource, dict) and resource.get("resourceType") != res_type:
+        raise InvalidInput(f"resourceType {resource.get('resourceType')!r} in the body does not match {res_type!r} in the URL")
+    stored, created = await run_in_threadpool(node.records.create, who, resource,
+                                              if_none_exist=request.headers.get("if-none-exist"))
+    return _resource_response(node, stored, 201 if created else 200)
+
+
+@router.get("/{res_type}/{res_id}")
+async def read(res_type: str, res_id: str, node: NodeDep, who: Ctx) -> Response:
+    """read (https://hl7.org/fhir/R4/http.html#read)."""
+    _check_type(res_type)
+    return _resource_response(node, await run_in_threadpool(node.records.read, who, res_type, res_id))
+
+
+@router.put("/{res_type}/{res_id}")
+async def update(res_type: str, res_id: str, request: Request, node: NodeDep, who: Ctx) -> Response:
+    """update (https://hl7.org/fhir/R4/http.html#update) with If-Match (412 on a stale version)."""
+    _check_type(res_type)
+    resource = await read_json(request, node.settings.max_body_bytes)
+    if_match = parse_etag(request.headers.get("if-match"))
+    stored, created = await run_in_threadpool(node.records.update, who, res_type, res_id, resource, if_match=if_match)
+    return _resource_response(node, stored, 201 if created else 200)
+
+
+@router.delete("/{res_type}/{res_id}")
+async def delete(res_type: str, res_id: str, node: NodeDep, who: Ctx) -> Response:
+    """delete (https://hl7.org/fhir/R4/http.html#delete)."""
+    _check_type(res_type)
+    stored = await run_in_threadpool(node.records.delete, who, res_type, res_id)
+    headers = {"ETag": stored.etag} if stored else None
+    return Response(status_code=204, headers=headers)
+
+
+@router.get("/{res_type}/{res_id}/_history")
+async def history_instance(res_type: str, res_id: str, request: Request, node: NodeDep, who: Ctx) -> Response:
+    _check_type(res_type)
+    return fhir_response(await run_in_threadpool(node.records.history, who, res_type, res_id, _query(request)))
+
+
+@router.get("/{res_type}/{res_id}/_history/{vid}")
+async def vread(res_type: str, res_id: str, vid: str, node: NodeDep, who: Ctx) -> Response:
+    """vread (https://hl7.org/fhir/R4/http.html#vread)."""
+    _check_type(res_type)
+    return _resource_response(node, await run_in_threadpool(node.records.vread, who, res_type, res_id, _version(vid)))
