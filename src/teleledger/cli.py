@@ -147,7 +147,7 @@ def users_create(
     node = _node(_settings())
     try:
         for ref, rt in ((patient, "Patient"), (practitioner, "Practitioner")):
-            if ref and not node.records.store.exists(node.engine.connect(), rt, ref.split("/", 1)[-1]):
+            if ref and not node.records.exists(rt, ref.split("/", 1)[-1]):
                 _fail(f"{ref} does not exist on this node; import or create it first")
         account = node.accounts.create_user(username=username, password=password, role=role, patient=patient,
                                             practitioner=practitioner)
@@ -173,3 +173,7 @@ def clients_create(
 
 def main() -> None:  # pragma: no cover
     sys.exit(app())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

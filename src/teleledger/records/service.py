@@ -202,6 +202,10 @@ class RecordsService:
             self._deny(self._decide(c, principal, "delete", res_type, frozenset()), f"delete {res_type}")
         return self.store.delete(c, res_type, res_id)
 
+    def exists(self, res_type: str, res_id: str) -> bool:
+        with UnitOfWork(self.engine) as uow:
+            return self.store.exists(uow.c, res_type, res_id)
+
     def read_in(self, c: Connection, principal: Principal, res_type: str, res_id: str) -> Stored:
         stored = self.store.read(c, res_type, res_id)
         self._check_read(c, principal, "read", stored)
