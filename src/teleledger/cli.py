@@ -67,9 +67,12 @@ def _import(node, path: Path, label: str) -> None:  # type: ignore[no-untyped-de
     with _progress() as progress:
         task = progress.add_task(label, total=total)
         results = []
-        for f in files:
-            progress.update(task, description=f"{label} {f.name}")
-            results.append(importer.import_file(f, progress=lambda n: progress.advance(task, n)))
+        try:
+            for f in files:
+                progress.update(task, description=f"{label} {f.name}")
+                results.append(importer.import_file(f, progress=lambda n: progress.advance(task, n)))
+        finally:
+            importer.close()
     elapsed = time.perf_counter() - started
     n = sum(r.resources for r in results)
     table = Table(title=f"imported {n} resources from {len(results)} files in {elapsed:.1f} s ({n / max(elapsed, 1e-9):.0f}/s)")

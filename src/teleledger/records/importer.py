@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from multiprocessing import get_context
 from pathlib import Path
 from urllib.parse import parse_qsl
 
@@ -82,16 +85,57 @@ def count_lines(path: Path) -> int:
         return sum(1 for line in fh if line.strip())
 
 
+def validate_lines(lines: list[tuple[int, bytes]]) -> tuple[int, str] | None:
+    """First (line, message) that fails FHIR validation, or None. Runs in the validator process."""
+    for lineno, raw in lines:
+        try:
+            validate(orjson.loads(raw), raw=raw)
+        except TeleledgerError as exc:
+            return lineno, exc.message
+    return None
+
+
+class _Validator:
+    """Validation (about half of an import's CPU time) runs in a second process while this one
+    encrypts, indexes and writes; the file's transaction commits only after every answer is in.
+    Where no second process can be started it validates inline."""
+
+    def __init__(self) -> None:
+        try:
+            self._pool: ProcessPoolExecutor | None = ProcessPoolExecutor(1, mp_context=get_context("spawn"))
+        except (OSError, NotImplementedError):
+            self._pool = None
+
+    def submit(self, lines: list[tuple[int, bytes]]) -> Future:
+        if self._pool is not None:
+            try:
+                return self._pool.submit(validate_lines, lines)
+            except (BrokenProcessPool, RuntimeError):
+                self._pool = None
+        done: Future = Future()
+        done.set_result(validate_lines(lines))
+        return done
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
 class Importer:
     def __init__(self, records: RecordsService, principal: Principal) -> None:
         self.records = records
         self.principal = principal
         self._resolved: dict[str, str] = {}
+        self.__validator: _Validator | None = None
 
     def run(self, root: Path, *, progress: Callable[[int], None] | None = None) -> ImportReport:
         report = ImportReport()
-        for path in ordered_files(root):
-            report.files.append(self.import_file(path, progress=progress))
+        try:
+            for path in ordered_files(root):
+                report.files.append(self.import_file(path, progress=progress))
+        finally:
+            self.close()
         return report
 
     def import_file(self, path: Path, *, progress: Callable[[int], None] | None = None) -> FileResult:
@@ -103,24 +147,50 @@ class Importer:
         try:
             with UnitOfWork(self.records.engine) as uow:
                 batch: list[tuple[int, dict]] = []
+                raws: list[tuple[int, bytes]] = []
+                checks = []
                 for lineno, raw, resource in self._ndjson(path):
-                    batch.append((lineno, self._prepare(uow.c, lineno, path, raw, resource)))
+                    batch.append((lineno, self._prepare(uow.c, lineno, path, raw, resource, validated=False)))
+                    raws.append((lineno, raw))
                     if len(batch) >= CHUNK:
+                        checks.append(self._validator.submit(raws))
                         self._flush(uow.c, path, batch, result, progress)
-                        batch = []
+                        batch, raws = [], []
+                if raws:
+                    checks.append(self._validator.submit(raws))
                 self._flush(uow.c, path, batch, result, progress)
+                # nothing commits before every line of the file has passed validation
+                for check in checks:
+                    failure = check.result()
+                    if failure is not None:
+                        raise ImportError_(f"{path.name} line {failure[0]}: {failure[1]}")
                 uow.commit()
         except BaseException:
             self._resolved = resolved_before
             raise
         return result
 
-    def _prepare(self, conn: Connection, lineno: int, path: Path, raw: bytes | None, resource: object) -> dict:
+    @property
+    def _validator(self) -> _Validator:
+        if self.__validator is None:
+            self.__validator = _Validator()
+        return self.__validator
+
+    def close(self) -> None:
+        if self.__validator is not None:
+            self.__validator.close()
+            self.__validator = None
+
+    def _prepare(self, conn: Connection, lineno: int, path: Path, raw: bytes | None, resource: object, *,
+                 validated: bool = True) -> dict:
         try:
             if not isinstance(resource, dict):
                 raise InvalidInput("each line must be a JSON object (a FHIR resource)")
+            if not isinstance(resource.get("resourceType"), str):
+                raise InvalidInput("the resource has no resourceType")
             # rewriting a reference replaces a string by a string: the raw text stays valid iff the result is
-            validate(resource, raw=raw)
+            if validated:
+                validate(resource, raw=raw)
             if raw is None or _CONDITIONAL_REF.search(raw):
                 resource = rewrite_references(resource, self._resolve(conn))
             assert isinstance(resource, dict)

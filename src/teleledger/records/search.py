@@ -17,7 +17,6 @@ from sqlalchemy import ColumnElement, and_, exists, false, func, literal, not_, 
 from teleledger.core.crypto import KeyedHash
 from teleledger.core.errors import InvalidInput
 from teleledger.fhir import query as fq
-from teleledger.fhir.compartment import PATIENT_COMPARTMENT_TYPES
 from teleledger.records.index import MAX_PREFIX, token_hashes
 from teleledger.storage import tables as t
 
@@ -56,13 +55,18 @@ def care_patients_subquery(practitioner_id: str):  # type: ignore[no-untyped-def
 
 
 def visibility_clause(vis: Visibility, type_col, id_col) -> ColumnElement[bool]:  # type: ignore[no-untyped-def]
-    """SQL restriction for rows (type_col, id_col) under ``vis``."""
+    """SQL restriction for rows (type_col, id_col) under ``vis``.
+
+    "Patient data" means exactly what the policy means by it: a resource in at least one
+    patient's compartment (it has ``resource_compartments`` rows). Everything else (directory
+    entries, a practitioner's Schedule) is visible to whoever may search the type at all.
+    """
     comp = t.resource_compartments
     if vis.kind == "all":
         return true()
     if vis.kind == "nothing":
         return false()
-    public = type_col.not_in(PATIENT_COMPARTMENT_TYPES)
+    public = ~exists(select(literal(1)).where(comp.c.res_type == type_col, comp.c.res_id == id_col))
     if vis.kind == "public":
         return public
     if vis.kind == "compartments":
@@ -78,7 +82,6 @@ def visibility_clause(vis: Visibility, type_col, id_col) -> ColumnElement[bool]:
         )
     else:  # pragma: no cover - programming error
         raise ValueError(vis.kind)
-    # a patient-data type is visible only through one of the allowed compartments
     return or_(public, exists(patients))
 
 

@@ -16,7 +16,14 @@ from urllib.parse import urlencode
 
 from sqlalchemy import Connection, Engine, and_, exists, func, literal, select
 
-from teleledger.core.errors import Forbidden, InvalidInput, NotFound, PayloadTooLarge, PreconditionFailed
+from teleledger.core.errors import (
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    PayloadTooLarge,
+    PreconditionFailed,
+    TeleledgerError,
+)
 from teleledger.fhir import compartment
 from teleledger.fhir import query as fq
 from teleledger.fhir import searchparams as sp
@@ -91,9 +98,9 @@ class RecordsService:
     # ---- authorization ----------------------------------------------------------------------
 
     def _decide(self, conn: Connection, principal: Principal, action: str, resource_type: str, patients, *,
-                establishes_care: bool = False) -> Decision:  # type: ignore[no-untyped-def]
+                establishes_care: bool = False, practitioners: frozenset[str] = frozenset()) -> Decision:  # type: ignore[no-untyped-def]
         req = AccessRequest(action=action, resource_type=resource_type, patient_ids=frozenset(patients),
-                            establishes_care=establishes_care)
+                            establishes_care=establishes_care, practitioner_ids=practitioners)
         return policy.decide(principal, req, SqlCareRelationships(conn))
 
     @staticmethod
@@ -118,10 +125,22 @@ class RecordsService:
     def check_write_in(self, conn: Connection, principal: Principal, action: str, resource: dict) -> None:
         self._check_write(conn, principal, action, resource)
 
+    @staticmethod
+    def _owning_practitioners(resource: dict) -> frozenset[str]:
+        """Practitioners a directory entry belongs to (their own Practitioner, Role, Schedule)."""
+        rt = resource.get("resourceType")
+        if rt == "Practitioner" and isinstance(resource.get("id"), str):
+            return frozenset({resource["id"]})
+        if rt not in ("PractitionerRole", "Schedule"):
+            return frozenset()
+        return frozenset(e.id for e in sp.extract(resource) if isinstance(e, sp.ReferenceEntry)
+                         and e.type == "Practitioner" and e.param in ("practitioner", "actor"))
+
     def _check_write(self, conn: Connection, principal: Principal, action: str, resource: dict) -> None:
         rt = resource["resourceType"]
         patients = compartment.patient_ids(resource)
-        d = self._decide(conn, principal, action, rt, patients, establishes_care=self._establishes_care(principal, resource))
+        d = self._decide(conn, principal, action, rt, patients, establishes_care=self._establishes_care(principal, resource),
+                         practitioners=self._owning_practitioners(resource))
         self._deny(d, f"{action} {rt}")
 
     # ---- instance interactions --------------------------------------------------------------
@@ -373,19 +392,27 @@ class RecordsService:
                 cur = self.store._current(c, res_type, res_id)
                 if cur is None:
                     raise NotFound(f"{res_type}/{res_id} is not known")
-                # authorize on the latest readable content (a deleted resource: the version before)
-                total, versions = self.store.history(c, res_type, res_id, since=since, count=10_000, offset=0)
-                latest = next((v for v in versions if v.body is not None), None)
-                patients = compartment.patient_ids(latest.body) if latest and latest.body else frozenset()
-                self._deny(self._decide(c, principal, "history", res_type, patients), f"{res_type}/{res_id}")
-                versions = versions[offset : offset + count]
+                _, versions = self.store.history(c, res_type, res_id, since=since, count=MAX_POST_FILTER, offset=0)
+                readable = self._readable_versions(c, principal, versions)
+                if versions and not readable:
+                    latest = next((v for v in versions if v.body is not None), None)
+                    patients = compartment.patient_ids(latest.body) if latest and latest.body else frozenset()
+                    self._deny(self._decide(c, principal, "history", res_type, patients), f"{res_type}/{res_id}")
+                total, versions = len(readable), readable[offset : offset + count]
             else:
                 self._deny(self._decide(c, principal, "history", res_type, frozenset()), f"history of {res_type}")
                 vis = visibility_for(principal)
-                total, versions = self.store.history(
-                    c, res_type, None, since=since, count=count, offset=offset,
-                    restrict=lambda tc, ic: visibility_clause(vis, tc, ic),
-                )
+                if vis.kind == "all":
+                    total, versions = self.store.history(c, res_type, None, since=since, count=count, offset=offset)
+                else:
+                    # a resource may have moved between compartments: every version is judged on its
+                    # own content, so an old version filed under another patient never shows
+                    n, candidates = self.store.history(c, res_type, None, since=since, count=MAX_POST_FILTER + 1,
+                                                       offset=0)
+                    if n > MAX_POST_FILTER:
+                        raise PayloadTooLarge(f"more than {MAX_POST_FILTER} versions to check; narrow with _since")
+                    readable = self._readable_versions(c, principal, candidates)
+                    total, versions = len(readable), readable[offset : offset + count]
         entries = []
         for v in versions:
             e: dict = {"fullUrl": f"{self.settings.base_url}/fhir/{v.res_type}/{v.res_id}"}
@@ -399,6 +426,23 @@ class RecordsService:
         path = f"{res_type}/{res_id}/_history" if res_id else f"{res_type}/_history"
         return {"resourceType": "Bundle", "type": "history", "total": total,
                 "link": self._links(path, items, offset, max(count, 1), total, False), "entry": entries}
+
+    def _readable_versions(self, c: Connection, principal: Principal, versions: list[Stored]) -> list[Stored]:
+        """The versions this principal may read, each judged on its own content (a delete marker
+        on the content of the version it deleted)."""
+        out = []
+        for v in versions:
+            body = v.body
+            if body is None and v.version > 1:
+                try:
+                    body = self.store.vread(c, v.res_type, v.res_id, v.version - 1).body
+                except TeleledgerError:
+                    body = None
+            if body is None:
+                continue
+            if self._decide(c, principal, "vread", v.res_type, compartment.patient_ids(body)).allowed:
+                out.append(v)
+        return out
 
     # ---- $everything ------------------------------------------------------------------------
 
