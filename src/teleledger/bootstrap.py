@@ -21,6 +21,9 @@ from teleledger.core.crypto import KeyedHash, LocalMasterKey, MasterKey, new_dat
 from teleledger.identity.accounts import Accounts
 from teleledger.identity.passwords import Hasher
 from teleledger.identity.tokens import TokenIssuer, TokenVerifier
+from teleledger.ledger.log.note import Ed25519Signer
+from teleledger.ledger.log.service import TransparencyLog
+from teleledger.records.audit import Auditor
 from teleledger.records.bundles import BundleProcessor
 from teleledger.records.keys import KeyRing
 from teleledger.records.search import SqlSearch
@@ -42,6 +45,8 @@ class Node:
     issuer: TokenIssuer
     verifier: TokenVerifier
     node_key: Ed25519PrivateKey
+    log: TransparencyLog
+    auditor: Auditor
 
     def close(self) -> None:
         self.engine.dispose()
@@ -81,11 +86,16 @@ def build(settings: Settings, *, migrate_schema: bool = True) -> Node:
         migrate(engine)
     node_key = Ed25519PrivateKey.from_private_bytes(_node_secret(engine, master, "node-signing-key"))
     index_hash = KeyedHash(master.derive("teleledger search-index v1"))
-    store = ResourceStore(KeyRing(master), index_hash)
+    # the log's signing key and HMAC key are node secrets too: every process signs as the same node
+    log_signer = Ed25519Signer.from_seed(settings.node_name, _node_secret(engine, master, "log-signing-key"))
+    log = TransparencyLog(engine, log_signer)
+    auditor = Auditor(log, KeyedHash(master.derive("teleledger log v1")))
+    store = ResourceStore(KeyRing(master), index_hash, on_change=auditor.changes)
     records = RecordsService(
         engine, store, SqlSearch(index_hash),
         RecordsSettings(base_url=settings.public_url, default_count=settings.default_page_size,
                         max_count=settings.max_page_size),
+        auditor=auditor,
     )
     hasher = Hasher.for_tests() if settings.password_hashing == "fast" else Hasher()
     issuer = TokenIssuer(node_key, issuer=settings.public_url, audience=settings.public_url + "/fhir",
@@ -93,7 +103,7 @@ def build(settings: Settings, *, migrate_schema: bool = True) -> Node:
     verifier = TokenVerifier([node_key.public_key()], issuer=settings.public_url,
                              audience=settings.public_url + "/fhir", now=_utcnow)
     return Node(settings, engine, master, records, BundleProcessor(records), Accounts(engine, hasher), issuer, verifier,
-                node_key)
+                node_key, log, auditor)
 
 
 def master_key_fingerprint(master: MasterKey) -> str:

@@ -73,6 +73,7 @@ def _import(node, path: Path, label: str) -> None:  # type: ignore[no-untyped-de
                 results.append(importer.import_file(f, progress=lambda n: progress.advance(task, n)))
         finally:
             importer.close()
+    node.log.flush()  # sequence the import's log entries and sign a checkpoint now
     elapsed = time.perf_counter() - started
     n = sum(r.resources for r in results)
     table = Table(title=f"imported {n} resources from {len(results)} files in {elapsed:.1f} s ({n / max(elapsed, 1e-9):.0f}/s)")

@@ -353,9 +353,13 @@ def _condition(param: SearchParam, modifier: str | None, raw: str) -> Condition 
 # ---- result parameters ---------------------------------------------------------------------
 
 
+# paging deeper than this is refused (a client pages with the links we give, never this far)
+MAX_OFFSET = 1_000_000_000
+
+
 def _non_negative(name: str, raw: str) -> int:
-    if not raw.isdigit() or not raw.isascii():
-        raise InvalidInput(f"{name}: expected a non-negative integer, got {raw[:20]!r}")
+    if not raw.isdigit() or not raw.isascii() or len(raw) > 10 or int(raw) > MAX_OFFSET:
+        raise InvalidInput(f"{name}: expected a non-negative integer up to {MAX_OFFSET}, got {raw[:20]!r}")
     return int(raw)
 
 

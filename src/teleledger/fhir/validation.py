@@ -12,12 +12,16 @@ re-serialisation: that would rewrite numbers and drop nothing the client can see
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
 from teleledger.core.errors import InvalidInput
+
+# FHIR R4 id datatype (https://hl7.org/fhir/R4/datatypes.html#id)
+ID_PATTERN = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
 # (resource type, element) → allowed codes, for required bindings of R4 (value sets from the spec)
 REQUIRED_CODES: dict[tuple[str, str], frozenset[str]] = {
@@ -83,6 +87,9 @@ def validate(resource: object, *, expected_type: str | None = None, raw: bytes |
     rt = resource.get("resourceType")
     if not isinstance(rt, str) or not rt:
         raise InvalidInput("the resource has no resourceType")
+    rid = resource.get("id")
+    if rid is not None and (not isinstance(rid, str) or not ID_PATTERN.fullmatch(rid)):
+        raise InvalidInput(f"{rt}.id must be 1–64 letters, digits, '-' or '.'", expression=f"{rt}.id")
     if expected_type is not None and rt != expected_type:
         raise InvalidInput(f"resourceType {rt!r} in the body does not match {expected_type!r} in the URL")
     cls = model_class(rt)
@@ -99,6 +106,8 @@ def validate(resource: object, *, expected_type: str | None = None, raw: bytes |
         msg = first.get("msg", "invalid").removeprefix("Value error, ")
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         raise InvalidInput(f"{where}: {msg}{more}", expression=where) from None
+    except RecursionError:
+        raise InvalidInput(f"{rt}: the resource is nested too deeply to be valid FHIR") from None
     except (TypeError, ValueError) as exc:
         raise InvalidInput(f"{rt}: {exc.__class__.__name__} while validating") from None
     for (typ, element), allowed in REQUIRED_CODES.items():

@@ -43,7 +43,7 @@ class Client:
 def parse_link(ref: str | None, expected: str) -> str | None:
     if ref is None:
         return None
-    m = _REF.match(ref)
+    m = _REF.fullmatch(ref)
     if not m or m.group(1) != expected:
         raise InvalidInput(f"expected a reference like {expected}/ID, found {ref!r}")
     return m.group(2)
@@ -60,7 +60,7 @@ class Accounts:
                     practitioner: str | None = None) -> Account:
         if role not in ROLES:
             raise InvalidInput(f"unknown role {role!r}; one of {', '.join(ROLES)}")
-        if not _USERNAME.match(username):
+        if not _USERNAME.fullmatch(username):
             raise InvalidInput("username must be 3–128 characters of letters, digits and . _ @ -")
         check_password_policy(password)
         patient_id = parse_link(patient, "Patient")
@@ -89,6 +89,9 @@ class Accounts:
         return None if row is None else Account(row.id, row.username, row.role, row.patient_id, row.practitioner_id)
 
     def authenticate(self, username: str, password: str) -> Account:
+        if not _USERNAME.fullmatch(username):
+            self.hasher.verify(self._dummy, password)
+            raise Unauthenticated("invalid credentials")
         with UnitOfWork(self.engine) as uow:
             row = uow.c.execute(select(t.users).where(t.users.c.username == username)).first()
         if row is None or not row.active:
@@ -102,7 +105,7 @@ class Accounts:
         return ScopeSet.parse(ROLE_SCOPES[role])
 
     def create_client(self, *, client_id: str, secret: str, scopes: str) -> Client:
-        if not _USERNAME.match(client_id):
+        if not _USERNAME.fullmatch(client_id):
             raise InvalidInput("client id must be 3–128 characters of letters, digits and . _ @ -")
         if len(secret) < 16:
             raise InvalidInput("a client secret must have at least 16 characters")
@@ -119,6 +122,9 @@ class Accounts:
         return Client(client_id, parsed)
 
     def authenticate_client(self, client_id: str, secret: str) -> Client:
+        if not _USERNAME.fullmatch(client_id):
+            self.hasher.verify(self._dummy, secret)
+            raise Unauthenticated("invalid client credentials")
         with UnitOfWork(self.engine) as uow:
             row = uow.c.execute(select(t.clients).where(t.clients.c.client_id == client_id)).first()
         if row is None or not row.active:

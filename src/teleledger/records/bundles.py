@@ -18,9 +18,9 @@ from sqlalchemy import Connection
 from teleledger.core.errors import InvalidInput, NotFound, PreconditionFailed, TeleledgerError
 from teleledger.fhir import query as fq
 from teleledger.fhir.outcome import from_error
-from teleledger.fhir.validation import is_resource_type
+from teleledger.fhir.validation import ID_PATTERN, is_resource_type
 from teleledger.policy.model import Principal
-from teleledger.records.service import RecordsService
+from teleledger.records.service import AccessDenied, RecordsService
 from teleledger.records.store import Stored, instant
 from teleledger.storage.db import UnitOfWork
 
@@ -51,7 +51,9 @@ def _split_url(url: str) -> tuple[str, str | None, str | None]:
         path = path[5:]
     segs = path.split("/") if path else []
     if not segs or not is_resource_type(segs[0]):
-        raise InvalidInput(f"request.url {url!r} does not start with a resource type")
+        raise InvalidInput(f"request.url {url[:80]!r} does not start with a resource type")
+    if len(segs) > 1 and not ID_PATTERN.fullmatch(segs[1]):
+        raise InvalidInput(f"request.url {url[:80]!r} does not name a valid resource id")
     return segs[0], (segs[1] if len(segs) > 1 else None), (parts.query or None)
 
 
@@ -74,7 +76,11 @@ class BundleProcessor:
                 raise InvalidInput(f"Bundle.entry[{i}].request needs a method (GET, POST, PUT, DELETE) and a url",
                                    expression=f"Bundle.entry[{i}].request")
         if kind == "transaction":
-            return self._transaction(principal, entries)
+            try:
+                return self._transaction(principal, entries)
+            except AccessDenied as exc:
+                self.records.record_denial(principal, exc)
+                raise
         return self._batch(principal, entries)
 
     # ---- transaction ------------------------------------------------------------------------
@@ -198,6 +204,8 @@ class BundleProcessor:
                     out.append(self._one(uow.c, principal, e, resolve, None))
                     uow.commit()
             except TeleledgerError as exc:
+                if isinstance(exc, AccessDenied):
+                    self.records.record_denial(principal, exc)
                 out.append({"response": {"status": f"{exc.status}", "outcome": from_error(exc)}})
         return {"resourceType": "Bundle", "type": "batch-response", "entry": out}
 

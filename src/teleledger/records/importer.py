@@ -25,6 +25,7 @@ from teleledger.core.errors import InvalidInput, PreconditionFailed, TeleledgerE
 from teleledger.fhir import query as fq
 from teleledger.fhir.validation import validate
 from teleledger.policy.model import Principal
+from teleledger.records.audit import touched
 from teleledger.records.bundles import BundleProcessor, rewrite_references
 from teleledger.records.service import RecordsService
 from teleledger.storage.db import UnitOfWork
@@ -148,22 +149,25 @@ class Importer:
             with UnitOfWork(self.records.engine) as uow:
                 batch: list[tuple[int, dict]] = []
                 raws: list[tuple[int, bytes]] = []
+                written: list = []
                 checks = []
                 for lineno, raw, resource in self._ndjson(path):
                     batch.append((lineno, self._prepare(uow.c, lineno, path, raw, resource, validated=False)))
                     raws.append((lineno, raw))
                     if len(batch) >= CHUNK:
                         checks.append(self._validator.submit(raws))
-                        self._flush(uow.c, path, batch, result, progress)
+                        written += self._flush(uow.c, path, batch, result, progress)
                         batch, raws = [], []
                 if raws:
                     checks.append(self._validator.submit(raws))
-                self._flush(uow.c, path, batch, result, progress)
+                written += self._flush(uow.c, path, batch, result, progress)
                 # nothing commits before every line of the file has passed validation
                 for check in checks:
                     failure = check.result()
                     if failure is not None:
                         raise ImportError_(f"{path.name} line {failure[0]}: {failure[1]}")
+                if self.records.auditor is not None and written:
+                    self.records.auditor.access(uow.c, self.principal, "import", touched(written))
                 uow.commit()
         except BaseException:
             self._resolved = resolved_before
@@ -203,9 +207,9 @@ class Importer:
             raise ImportError_(f"{path.name} line {lineno}: {exc.message}") from exc
 
     def _flush(self, conn: Connection, path: Path, batch: list[tuple[int, dict]], result: FileResult,
-               progress: Callable[[int], None] | None) -> None:
+               progress: Callable[[int], None] | None) -> list:
         if not batch:
-            return
+            return []
         try:
             written = self.records.store.put_many(conn, [r for _, r in batch])
         except TeleledgerError as exc:
@@ -215,6 +219,7 @@ class Importer:
             setattr(result, status, getattr(result, status) + 1)
         if progress:
             progress(len(batch))
+        return [stored for stored, status in written if status != "unchanged"]
 
     def _ndjson(self, path: Path) -> Iterator[tuple[int, bytes, object]]:
         with path.open("rb") as fh:

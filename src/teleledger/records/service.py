@@ -10,6 +10,7 @@ types, 404 when the resource's existence itself would leak, see ``_deny``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlencode
@@ -40,12 +41,40 @@ from teleledger.records.search import (
     care_patients_subquery,
     visibility_clause,
 )
+from teleledger.records.audit import Auditor, Touched, touched
 from teleledger.records.store import ResourceStore, Stored, instant
 from teleledger.storage import tables as t
 from teleledger.storage.db import UnitOfWork
 
 # a search whose exact match needs decryption may scan at most this many candidates
 MAX_POST_FILTER = 20_000
+
+
+class AccessDenied(Forbidden):
+    """A policy denial, carrying what the audit trail records about it (never PHI)."""
+
+    def __init__(self, message: str, *, action: str, reason: str, patients: frozenset[str]) -> None:
+        super().__init__(message)
+        self.action = action
+        self.reason = reason
+        self.patients = patients
+
+
+_LOG_ACTIONS = {"create", "read", "vread", "update", "delete", "search", "history", "everything", "import", "export"}
+
+
+def audited(fn):  # type: ignore[no-untyped-def]
+    """Record a denied attempt in the log after the failed transaction has rolled back."""
+
+    @functools.wraps(fn)
+    def wrapper(self, principal, *args, **kwargs):  # type: ignore[no-untyped-def]
+        try:
+            return fn(self, principal, *args, **kwargs)
+        except AccessDenied as exc:
+            self.record_denial(principal, exc)
+            raise
+
+    return wrapper
 
 
 class SqlCareRelationships:
@@ -89,11 +118,13 @@ def visibility_for(principal: Principal) -> Visibility:
 
 
 class RecordsService:
-    def __init__(self, engine: Engine, store: ResourceStore, search: SqlSearch, settings: Settings) -> None:
+    def __init__(self, engine: Engine, store: ResourceStore, search: SqlSearch, settings: Settings, *,
+                 auditor: Auditor | None = None) -> None:
         self.engine = engine
         self.store = store
         self.sql = search
         self.settings = settings
+        self.auditor = auditor
 
     # ---- authorization ----------------------------------------------------------------------
 
@@ -104,10 +135,25 @@ class RecordsService:
         return policy.decide(principal, req, SqlCareRelationships(conn))
 
     @staticmethod
-    def _deny(decision: Decision, what: str) -> None:
+    def _deny(decision: Decision, what: str, *, action: str = "read", patients=frozenset()) -> None:  # type: ignore[no-untyped-def]
         if not decision.allowed:
             # 403 with the rule, never with data: the reason names a rule, not a patient
-            raise Forbidden(f"access to {what} denied: {decision.detail} ({decision.reason})")
+            raise AccessDenied(f"access to {what} denied: {decision.detail} ({decision.reason})",
+                               action=action if action in _LOG_ACTIONS else "read", reason=decision.reason,
+                               patients=frozenset(patients))
+
+    def record_denial(self, principal: Principal, exc: AccessDenied) -> None:
+        if self.auditor is None:
+            return
+        with UnitOfWork(self.engine) as uow:
+            self.auditor.access(uow.c, principal, exc.action, [], outcome="denied", reason=exc.reason,
+                                patients=exc.patients)
+            uow.commit()
+
+    def _accessed(self, c: Connection, principal: Principal, action: str, stored_list, *,  # type: ignore[no-untyped-def]
+                  patients=()) -> None:  # type: ignore[no-untyped-def]
+        if self.auditor is not None:
+            self.auditor.access(c, principal, action, touched(stored_list), patients=patients)
 
     def _establishes_care(self, principal: Principal, resource: dict) -> bool:
         if resource.get("resourceType") not in CARE_TYPES or not principal.practitioner_id:
@@ -141,10 +187,11 @@ class RecordsService:
         patients = compartment.patient_ids(resource)
         d = self._decide(conn, principal, action, rt, patients, establishes_care=self._establishes_care(principal, resource),
                          practitioners=self._owning_practitioners(resource))
-        self._deny(d, f"{action} {rt}")
+        self._deny(d, f"{action} {rt}", action=action, patients=patients)
 
     # ---- instance interactions --------------------------------------------------------------
 
+    @audited
     def create(self, principal: Principal, resource: object, *, if_none_exist: str | None = None) -> tuple[Stored, bool]:
         """create / conditional create (https://hl7.org/fhir/R4/http.html#create, #ccreate)."""
         with UnitOfWork(self.engine) as uow:
@@ -161,31 +208,41 @@ class RecordsService:
             if len(matches) > 1:
                 raise PreconditionFailed(f"If-None-Exist matched {len(matches)} {rt} resources; it must match at most one")
             if matches:
+                self._accessed(c, principal, "read", matches[:1])
                 return matches[0], False
         self._check_write(c, principal, "create", resource)
         resource = dict(resource)
         resource.pop("id", None)
-        return self.store.create(c, resource, res_id=res_id), True
+        stored = self.store.create(c, resource, res_id=res_id)
+        self._accessed(c, principal, "create", [stored])
+        return stored, True
 
+    @audited
     def read(self, principal: Principal, res_type: str, res_id: str) -> Stored:
         """read (https://hl7.org/fhir/R4/http.html#read)."""
         with UnitOfWork(self.engine) as uow:
-            stored = self.store.read(uow.c, res_type, res_id)
-            self._check_read(uow.c, principal, "read", stored)
-            return stored
+            stored = self.read_in(uow.c, principal, res_type, res_id)
+            uow.commit()
+        return stored
 
+    @audited
     def vread(self, principal: Principal, res_type: str, res_id: str, version: int) -> Stored:
         """vread (https://hl7.org/fhir/R4/http.html#vread)."""
         with UnitOfWork(self.engine) as uow:
             stored = self.store.vread(uow.c, res_type, res_id, version)
             self._check_read(uow.c, principal, "vread", stored)
-            return stored
+            self._accessed(uow.c, principal, "vread", [stored])
+            uow.commit()
+        return stored
 
-    def _check_read(self, conn: Connection, principal: Principal, action: str, stored: Stored) -> None:
+    def _check_read(self, conn: Connection, principal: Principal, action: str, stored: Stored, *,
+                    log_action: str | None = None) -> None:
         assert stored.body is not None
-        d = self._decide(conn, principal, action, stored.res_type, compartment.patient_ids(stored.body))
-        self._deny(d, f"{stored.res_type}/{stored.res_id}")
+        patients = compartment.patient_ids(stored.body)
+        d = self._decide(conn, principal, action, stored.res_type, patients)
+        self._deny(d, f"{stored.res_type}/{stored.res_id}", action=log_action or action, patients=patients)
 
+    @audited
     def update(self, principal: Principal, res_type: str, res_id: str, resource: object, *,
                if_match: int | None = None) -> tuple[Stored, bool]:
         """update / create-on-update (https://hl7.org/fhir/R4/http.html#update)."""
@@ -204,8 +261,11 @@ class RecordsService:
             # both the old and the new content must be writable by this principal
             self._check_write(c, principal, "update", self.store.read(c, res_type, res_id).body)  # type: ignore[arg-type]
         self._check_write(c, principal, "update", resource)
-        return self.store.update(c, dict(resource), res_id, if_match=if_match)
+        stored, created = self.store.update(c, dict(resource), res_id, if_match=if_match)
+        self._accessed(c, principal, "create" if created else "update", [stored])
+        return stored, created
 
+    @audited
     def delete(self, principal: Principal, res_type: str, res_id: str) -> Stored | None:
         """delete (https://hl7.org/fhir/R4/http.html#delete); deleting twice is not an error."""
         with UnitOfWork(self.engine) as uow:
@@ -214,12 +274,19 @@ class RecordsService:
         return stored
 
     def delete_in(self, c: Connection, principal: Principal, res_type: str, res_id: str) -> Stored | None:
+        patients: frozenset[str] = frozenset()
         if self.store.exists(c, res_type, res_id):
             current = self.store.read(c, res_type, res_id)
             self._check_write(c, principal, "delete", current.body)  # type: ignore[arg-type]
+            patients = compartment.patient_ids(current.body or {})
         else:
-            self._deny(self._decide(c, principal, "delete", res_type, frozenset()), f"delete {res_type}")
-        return self.store.delete(c, res_type, res_id)
+            self._deny(self._decide(c, principal, "delete", res_type, frozenset()), f"delete {res_type}",
+                       action="delete")
+        stored = self.store.delete(c, res_type, res_id)
+        if stored is not None and self.auditor is not None:
+            self.auditor.access(c, principal, "delete",
+                                [Touched(res_type, res_id, stored.version, patients)])
+        return stored
 
     def exists(self, res_type: str, res_id: str) -> bool:
         with UnitOfWork(self.engine) as uow:
@@ -228,6 +295,7 @@ class RecordsService:
     def read_in(self, c: Connection, principal: Principal, res_type: str, res_id: str) -> Stored:
         stored = self.store.read(c, res_type, res_id)
         self._check_read(c, principal, "read", stored)
+        self._accessed(c, principal, "read", [stored])
         return stored
 
     # ---- search -----------------------------------------------------------------------------
@@ -235,6 +303,8 @@ class RecordsService:
     def _conditional_matches(self, conn: Connection, principal: Principal, rt: str, query: str) -> list[Stored]:
         from urllib.parse import parse_qsl
 
+        if not isinstance(query, str):
+            raise InvalidInput("ifNoneExist must be a search query string such as identifier=system|value")
         items = parse_qsl(query.lstrip("?"), keep_blank_values=True)
         if not items:
             raise InvalidInput(f"empty conditional criteria for {rt}")
@@ -245,7 +315,7 @@ class RecordsService:
     def _run_search(self, conn: Connection, principal: Principal, ps: fq.ParsedSearch, *, limit: int,
                     offset: int) -> tuple[int, list[Stored], bool]:
         d = self._decide(conn, principal, "search", ps.resource_type, frozenset())
-        self._deny(d, f"search {ps.resource_type}")
+        self._deny(d, f"search {ps.resource_type}", action="search")
         vis = visibility_for(principal)
         plan = self.sql.plan(ps)
         where = [R.c.res_type == ps.resource_type, R.c.deleted.is_(False), *plan.where,
@@ -280,6 +350,7 @@ class RecordsService:
                 return False
         return True
 
+    @audited
     def search(self, principal: Principal, res_type: str, items: Sequence[tuple[str, str]], *,
                strict: bool = False) -> dict:
         """search (https://hl7.org/fhir/R4/search.html) → a searchset Bundle."""
@@ -291,8 +362,11 @@ class RecordsService:
             limit = 0 if ps.summary == "count" else count
             total, page, _ = self._run_search(c, principal, ps, limit=limit, offset=ps.offset)
             entries = [self._entry(s, "match", ps.elements) for s in page]
-            if page and (ps.include or ps.revinclude):
-                entries += [self._entry(s, "include") for s in self._includes(c, principal, ps, page)]
+            included = self._includes(c, principal, ps, page) if page and (ps.include or ps.revinclude) else []
+            entries += [self._entry(s, "include") for s in included]
+            # every hit and every included resource is a disclosure, recorded per patient
+            self._accessed(c, principal, "search", page + included)
+            uow.commit()
         bundle: dict = {"resourceType": "Bundle", "type": "searchset"}
         if ps.total != "none":
             bundle["total"] = total
@@ -356,6 +430,8 @@ class RecordsService:
                summary_count: bool) -> list[dict]:
         base = [(k, v) for k, v in items if k not in ("_offset", "_count")]
 
+        count = max(count, 1)  # _count=0 asks for the total only; links still page by one
+
         def url(off: int) -> str:
             return f"{self.settings.base_url}/fhir/{path}?" + urlencode([*base, ("_count", str(count)), ("_offset", str(off))])
 
@@ -373,16 +449,17 @@ class RecordsService:
 
     # ---- history ----------------------------------------------------------------------------
 
+    @audited
     def history(self, principal: Principal, res_type: str, res_id: str | None, items: Sequence[tuple[str, str]]) -> dict:
         """history (https://hl7.org/fhir/R4/http.html#history), instance and type level."""
         params = dict(items)
         try:
             count = min(int(params.get("_count", self.settings.default_count)), self.settings.max_count)
             offset = int(params.get("_offset", 0))
-            if count < 0 or offset < 0:
+            if count < 0 or offset < 0 or offset > fq.MAX_OFFSET:
                 raise ValueError
         except ValueError:
-            raise InvalidInput("_count and _offset must be non-negative integers") from None
+            raise InvalidInput(f"_count and _offset must be non-negative integers (_offset up to {fq.MAX_OFFSET})") from None
         since = None
         if "_since" in params:
             since = fq.date_range(params["_since"])[0]
@@ -397,10 +474,12 @@ class RecordsService:
                 if versions and not readable:
                     latest = next((v for v in versions if v.body is not None), None)
                     patients = compartment.patient_ids(latest.body) if latest and latest.body else frozenset()
-                    self._deny(self._decide(c, principal, "history", res_type, patients), f"{res_type}/{res_id}")
+                    self._deny(self._decide(c, principal, "history", res_type, patients), f"{res_type}/{res_id}",
+                               action="history", patients=patients)
                 total, versions = len(readable), readable[offset : offset + count]
             else:
-                self._deny(self._decide(c, principal, "history", res_type, frozenset()), f"history of {res_type}")
+                self._deny(self._decide(c, principal, "history", res_type, frozenset()), f"history of {res_type}",
+                           action="history")
                 vis = visibility_for(principal)
                 if vis.kind == "all":
                     total, versions = self.store.history(c, res_type, None, since=since, count=count, offset=offset)
@@ -413,6 +492,8 @@ class RecordsService:
                         raise PayloadTooLarge(f"more than {MAX_POST_FILTER} versions to check; narrow with _since")
                     readable = self._readable_versions(c, principal, candidates)
                     total, versions = len(readable), readable[offset : offset + count]
+            self._accessed(c, principal, "history", [v for v in versions if v.body is not None])
+            uow.commit()
         entries = []
         for v in versions:
             e: dict = {"fullUrl": f"{self.settings.base_url}/fhir/{v.res_type}/{v.res_id}"}
@@ -446,12 +527,13 @@ class RecordsService:
 
     # ---- $everything ------------------------------------------------------------------------
 
+    @audited
     def everything(self, principal: Principal, patient_id: str, items: Sequence[tuple[str, str]] = ()) -> dict:
         """Patient/[id]/$everything (https://hl7.org/fhir/R4/patient-operation-everything.html)."""
         with UnitOfWork(self.engine) as uow:
             c = uow.c
             patient = self.store.read(c, "Patient", patient_id)
-            self._check_read(c, principal, "read", patient)
+            self._check_read(c, principal, "read", patient, log_action="everything")
             comp = t.resource_compartments
             keys = [tuple(r) for r in c.execute(
                 select(comp.c.res_type, comp.c.res_id).where(comp.c.patient_id == patient_id)
@@ -472,5 +554,7 @@ class RecordsService:
                 d = self._decide(c, principal, "read", s.res_type, compartment.patient_ids(s.body or {}))
                 if d.allowed:
                     allowed.append(s)
+            self._accessed(c, principal, "everything", allowed)
+            uow.commit()
         return {"resourceType": "Bundle", "type": "searchset", "total": len(allowed),
                 "entry": [self._entry(s, "match") for s in allowed]}

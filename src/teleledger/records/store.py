@@ -69,10 +69,18 @@ def _aad(res_type: str, res_id: str, version: int) -> bytes:
 
 
 class ResourceStore:
-    def __init__(self, keyring: KeyRing, index_hash: KeyedHash, *, clock: Clock = system_clock) -> None:
+    def __init__(self, keyring: KeyRing, index_hash: KeyedHash, *, clock: Clock = system_clock,
+                 on_change: Callable[[Connection, list[Stored]], None] | None = None) -> None:
         self.keys = keyring
         self.h = index_hash
         self.clock = clock
+        # every version written is handed to on_change in the same transaction (the change
+        # entries of the transparency log): no write path can skip it
+        self.on_change = on_change
+
+    def _changed(self, conn: Connection, stored: list[Stored]) -> None:
+        if self.on_change is not None and stored:
+            self.on_change(conn, stored)
 
     # ---- writes -----------------------------------------------------------------------------
 
@@ -113,7 +121,9 @@ class ResourceStore:
         )
         self._set_current(conn, res_type, res_id, version, now, deleted=True, existed=True)
         self._drop_index(conn, res_type, res_id)
-        return Stored(res_type, res_id, version, now, "delete", None)
+        stored = Stored(res_type, res_id, version, now, "delete", None)
+        self._changed(conn, [stored])
+        return stored
 
     def _tick(self, previous: int | None) -> int:
         now = self.clock()
@@ -140,7 +150,9 @@ class ResourceStore:
         if previous is not None:
             self._drop_index(conn, res_type, res_id)
         self._index(conn, resource, res_type, res_id, patients)
-        return Stored(res_type, res_id, version, now, method, resource)
+        stored = Stored(res_type, res_id, version, now, method, resource)
+        self._changed(conn, [stored])
+        return stored
 
     def put_many(self, conn: Connection, resources: Sequence[dict]) -> list[tuple[Stored, str]]:
         """Write many already-validated resources with their own ids in bulk (import path).
@@ -217,6 +229,7 @@ class ResourceStore:
                 conn.execute(table.insert(), rows)
         if comp_rows:
             conn.execute(t.resource_compartments.insert(), comp_rows)
+        self._changed(conn, [st for st, status in out if status != "unchanged"])
         return out
 
     def _set_current(self, conn, res_type, res_id, version, now, *, deleted, existed) -> None:  # type: ignore[no-untyped-def]

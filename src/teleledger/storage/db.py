@@ -11,13 +11,13 @@ from pathlib import Path
 from types import TracebackType
 
 from sqlalchemy import Connection, Engine, create_engine, event, inspect, select, text
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DataError, OperationalError, SQLAlchemyError
 
-from teleledger.core.errors import ConfigurationError, TeleledgerError
+from teleledger.core.errors import ConfigurationError, InvalidInput, TeleledgerError
 from teleledger.storage import tables
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-SCHEMA_HEAD = "0001"
+SCHEMA_HEAD = "0002"
 
 
 class StorageUnavailable(TeleledgerError):
@@ -102,6 +102,11 @@ class UnitOfWork:
             assert self.conn is not None
             self.conn.close()
             self.conn = None
+        if isinstance(exc, DataError):
+            # a value the database cannot hold (NUL in text, number out of range): the client's input
+            raise InvalidInput("a value in the request cannot be stored (out of range or invalid characters)") from exc
+        if isinstance(exc, OperationalError) and "locked" not in str(exc.orig).lower():
+            raise StorageUnavailable("the database is not reachable; try again shortly") from exc
 
 
 def migrate(engine: Engine) -> None:

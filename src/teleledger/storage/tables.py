@@ -59,7 +59,7 @@ resource_versions = Table(
     Column("version", Integer, primary_key=True),
     Column("last_updated", BigInteger, nullable=False),
     Column("method", String(8), nullable=False),  # create | update | delete
-    Column("key_id", String(64), nullable=False),
+    Column("key_id", String(80), nullable=False),
     Column("body", LargeBinary, nullable=True),  # NULL for a delete marker
     Index("ix_versions_type_updated", "res_type", "last_updated"),
 )
@@ -68,7 +68,7 @@ resource_versions = Table(
 data_keys = Table(
     "data_keys",
     metadata,
-    Column("key_id", String(64), primary_key=True),
+    Column("key_id", String(80), primary_key=True),
     Column("wrapped", LargeBinary, nullable=False),
     Column("created", BigInteger, nullable=False),
 )
@@ -189,4 +189,26 @@ node_meta = Table(
     metadata,
     Column("key", String(64), primary_key=True),
     Column("value", LargeBinary, nullable=False),
+)
+
+# one row per access to patient data (allowed or denied), mirrored by an access entry in the
+# transparency log (``leaf_hash``); served as FHIR AuditEvent resources. No PHI: ids and codes.
+access_events = Table(
+    "access_events",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("recorded", BigInteger, nullable=False),  # µs since epoch, UTC
+    Column("actor", String(160), nullable=False),
+    Column("role", String(32), nullable=False),
+    Column("fhir_user", String(160), nullable=True),
+    Column("action", String(16), nullable=False),
+    Column("purpose", String(64), nullable=False),
+    Column("outcome", String(8), nullable=False),  # allowed | denied
+    Column("reason", String(64), nullable=False),
+    Column("patient_id", String(64), nullable=True),
+    Column("refs", Text, nullable=False),  # space-separated Type/id/_history/version
+    Column("leaf_hash", LargeBinary, nullable=False),
+    Index("ix_access_patient", "patient_id", "recorded"),
+    Index("ix_access_actor", "actor", "recorded"),
+    Index("ix_access_recorded", "recorded"),
 )

@@ -333,6 +333,8 @@ def encode_access(
     references: Iterable[str] = (),
 ) -> bytes:
     """The leaf bytes of an access entry (layout in the module docstring)."""
+    if isinstance(references, str):
+        raise MalformedEntry("references must be a sequence of strings, not one string")
     return AccessEntry(timestamp_us, actor, role, action, purpose, outcome, reason,
                        patient_pseudonym, tuple(references)).encode()
 

@@ -41,7 +41,14 @@ from teleledger.ledger.log.note import (
     parse_note,
     verify_cosignature,
 )
-from teleledger.ledger.log.storage import SqlLogStore, SqlNodeReader, StoredCheckpoint, read_only_engine
+from teleledger.ledger.log.storage import (
+    SqlLogStore,
+    SqlNodeReader,
+    StoredCheckpoint,
+    read_only_engine,
+    sequencer_engine,
+)
+from teleledger.storage.db import UnitOfWork
 
 __all__ = ["ConsistencyProof", "InclusionProof", "Sequencer", "TransparencyLog"]
 
@@ -104,6 +111,7 @@ class TransparencyLog:
     ) -> None:
         self._engine = engine
         self._reads = read_only_engine(engine)
+        self._writes = sequencer_engine(engine)
         self._signer = signer
         self._origin = origin if origin is not None else signer.name
         Checkpoint(self._origin, 0, merkle.EMPTY_ROOT)  # refuse a bad origin at start-up
@@ -115,6 +123,7 @@ class TransparencyLog:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.max_batch = max_batch
         self._store = SqlLogStore(clock=clock)
+        self._known_size = 0
 
     # ------------------------------------------------------------------ identity
 
@@ -154,7 +163,7 @@ class TransparencyLog:
         with self._reads.connect() as c:  # peek first: an idle log takes no write lock
             if not self._store.has_queued(c):
                 return 0
-        return self._store.integrate(self._engine, max_batch=max_batch or self.max_batch)
+        return self._store.integrate(self._writes, max_batch=max_batch or self.max_batch)
 
     def checkpoint(self) -> StoredCheckpoint | None:
         """Sign and store a checkpoint if the tree grew since the last one; else None."""
@@ -163,7 +172,7 @@ class TransparencyLog:
             last = self._store.last_checkpoint_size(c)
         if size == 0 or (last is not None and size <= last):
             return None
-        return self._store.checkpoint(self._engine, self._signer, self._origin, self._clock())
+        return self._store.checkpoint(self._writes, self._signer, self._origin, self._clock())
 
     def flush(self) -> StoredCheckpoint | None:
         """Integrate everything committed before the call, then checkpoint (tests, CLI)."""
@@ -178,7 +187,9 @@ class TransparencyLog:
 
     def tree_size(self) -> int:
         with self._reads.connect() as c:
-            return self._store.state(c)[0]
+            size = self._store.state(c)[0]
+        self._known_size = max(self._known_size, size)
+        return size
 
     def queue_length(self) -> int:
         with self._reads.connect() as c:
@@ -213,13 +224,22 @@ class TransparencyLog:
         now_us = self._clock()
         verify_cosignature(stored.body, line, witness,
                            not_after=now_us // 1_000_000 + COSIGNATURE_CLOCK_SKEW)
-        with self._engine.begin() as c:
-            return self._store.store_cosignature(c, size, witness.name, line, now_us)
+        with UnitOfWork(self._writes) as uow:
+            stored_now = self._store.store_cosignature(uow.c, size, witness.name, line, now_us)
+            uow.commit()
+        return stored_now
 
     # ------------------------------------------------------------------ proofs and entries
 
+    def _current_size(self, c: Connection, at_least: int) -> int:
+        """The tree size, read only when ``at_least`` exceeds the last size seen: a log never
+        shrinks, so a size once read stays a valid lower bound (saves a round trip per proof)."""
+        if at_least > self._known_size:
+            self._known_size = max(self._known_size, self._store.state(c)[0])
+        return self._known_size
+
     def _check_tree_size(self, c: Connection, tree_size: int) -> None:
-        current = self._store.state(c)[0]
+        current = self._current_size(c, tree_size)
         if tree_size > current:
             raise InvalidInput(f"tree size {tree_size} is larger than the log's size {current}")
 
@@ -266,7 +286,7 @@ class TransparencyLog:
         if start >= end:
             raise InvalidInput(f"start ({start}) must be smaller than end ({end})")
         with self._reads.connect() as c:
-            size = self._store.state(c)[0]
+            size = self._current_size(c, end)
             if start >= size:
                 raise InvalidInput(f"start {start} is beyond the log's size {size}")
             return self._store.leaves(c, start, min(end, size, start + MAX_ENTRIES_PER_CALL))
@@ -274,9 +294,10 @@ class TransparencyLog:
     # ------------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
-        """Dispose the read-only pool this log created (the main engine is the caller's)."""
-        if self._reads is not self._engine:
-            self._reads.dispose()
+        """Dispose the pools this log created (the main engine is the caller's)."""
+        for own in (self._reads, self._writes):
+            if own is not self._engine:
+                own.dispose()
 
 
 def _describe(exc: BaseException) -> str:

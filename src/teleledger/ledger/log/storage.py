@@ -52,8 +52,10 @@ Errors
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
+from functools import lru_cache
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -71,21 +73,20 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    and_,
+    bindparam,
     create_engine,
     delete,
     event,
     exists,
     func,
     insert,
-    literal_column,
-    or_,
     select,
     text,
-    union_all,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.sql.elements import TextClause
 
 from teleledger.core.errors import TeleledgerError
 from teleledger.ledger.log import merkle
@@ -109,6 +110,7 @@ __all__ = [
     "log_queue",
     "log_state",
     "read_only_engine",
+    "sequencer_engine",
 ]
 
 #: pg_advisory_xact_lock keys ("9162" for RFC 9162); migrations use 7401.
@@ -175,6 +177,15 @@ log_cosignatures = Table(
 )
 
 
+# Statements run on every append, proof or sequencer round, built once (they are immutable).
+_APPEND = insert(log_queue).values(leaf=bindparam("leaf"), queued=bindparam("queued"))
+_STATE = select(log_state.c.size, log_state.c.root_hash).where(log_state.c.id == 1)
+_HAS_QUEUED = select(exists().select_from(log_queue))
+_LAST_CHECKPOINT_SIZE = select(func.max(log_checkpoints.c.size))
+_LEAF_INDEX = select(func.min(log_leaves.c.idx)).where(
+    log_leaves.c.leaf_hash == bindparam("leaf_hash"), log_leaves.c.idx < bindparam("tree_size"))
+
+
 class LogCorrupted(TeleledgerError):
     """The stored tree head does not follow from the stored nodes: refuse to sign anything."""
 
@@ -193,6 +204,13 @@ def _now_us() -> int:
     return time.time_ns() // 1000
 
 
+def _sqlite_file(engine: Engine) -> bool:
+    url = engine.url
+    database = str(url.database or "")
+    return url.get_backend_name() == "sqlite" and database not in ("", ":memory:") and (
+        not database.startswith("file:"))
+
+
 def read_only_engine(engine: Engine) -> Engine:
     """An engine for the log's read paths (public, unauthenticated proof endpoints).
 
@@ -201,12 +219,9 @@ def read_only_engine(engine: Engine) -> Engine:
     and cannot stall appends) and are ``query_only``. Anything else (PostgreSQL, in-memory
     SQLite) returns ``engine`` itself. The caller disposes an engine this created.
     """
-    url = engine.url
-    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:") or (
-        str(url.database).startswith("file:")
-    ):
+    if not _sqlite_file(engine):
         return engine
-    reads = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
+    reads = create_engine(engine.url, connect_args={"check_same_thread": False, "timeout": 30},
                           pool_size=8, max_overflow=8)
 
     @event.listens_for(reads, "connect")
@@ -220,6 +235,58 @@ def read_only_engine(engine: Engine) -> Engine:
     return reads
 
 
+def sequencer_engine(engine: Engine, *, poll: float = 0.0005, timeout: float = 30.0) -> Engine:
+    """An engine for the sequencer's own transactions (integrate, checkpoint, cosignatures).
+
+    On a SQLite file: one or two connections to the same file, with the main engine's
+    ``synchronous`` level, that take the write lock by retrying ``BEGIN IMMEDIATE`` every
+    ``poll`` seconds. SQLite's busy handler — what every other writer waits in — sleeps 1, 2,
+    5 … 100 ms between attempts, so under a few dozen writers the single sequencer thread was
+    starved for the whole of a 10 s benchmark; polling gives its short, periodic transactions
+    the lock between two writers instead. Anything else returns ``engine`` itself (PostgreSQL
+    queues lock waiters fairly).
+    """
+    if not _sqlite_file(engine):
+        return engine
+    probe = engine.raw_connection()  # a pooled DBAPI connection: no SQLAlchemy BEGIN
+    try:
+        cur = probe.driver_connection.cursor()  # type: ignore[union-attr]
+        synchronous = int(cur.execute("PRAGMA synchronous").fetchone()[0])
+        cur.close()
+    finally:
+        probe.close()
+    writes = create_engine(engine.url, connect_args={"check_same_thread": False, "timeout": 0},
+                           pool_size=2, max_overflow=2)
+
+    @event.listens_for(writes, "connect")
+    def _pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute(f"PRAGMA synchronous={synchronous:d}")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA busy_timeout=0")  # we poll below instead
+        cur.close()
+
+    @event.listens_for(writes, "begin")
+    def _begin(conn):  # type: ignore[no-untyped-def]
+        driver = conn.connection.driver_connection
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                driver.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                if time.monotonic() > deadline:
+                    # the SQLAlchemy error, so that UnitOfWork reports StorageUnavailable
+                    raise OperationalError("BEGIN IMMEDIATE", None, exc) from exc
+                time.sleep(poll)
+
+    return writes
+
+
 # --------------------------------------------------------------------------- node reads
 
 
@@ -229,7 +296,9 @@ class SqlNodeReader:
     ``get_nodes`` is one statement, one round trip: the leaves by primary key ``UNION ALL``
     the nodes by ``(level = ? AND idx IN (…)) OR …`` — one group per level, which SQLite runs
     as a MULTI-INDEX OR and PostgreSQL as a BitmapOr of primary-key probes (a row-value
-    ``(level, idx) IN (VALUES …)`` makes SQLite scan the table).
+    ``(level, idx) IN (VALUES …)`` makes SQLite scan the table). The SQL text depends only on
+    the shape of the request, so it is built once per shape (building SQLAlchemy expressions
+    per proof cost more than running the query).
     """
 
     __slots__ = ("_conn",)
@@ -245,25 +314,48 @@ class SqlNodeReader:
                 leaves.append(idx)
             else:
                 levels.setdefault(level, []).append(idx)
-        parts = []
-        if leaves:
-            parts.append(
-                select(literal_column("0").label("level"), log_leaves.c.idx,
-                       log_leaves.c.leaf_hash.label("hash"))
-                .where(log_leaves.c.idx.in_(leaves))
-            )
-        if levels:
-            parts.append(
-                select(log_nodes.c.level, log_nodes.c.idx, log_nodes.c.hash).where(
-                    or_(*(and_(log_nodes.c.level == level, log_nodes.c.idx.in_(ids))
-                          for level, ids in sorted(levels.items())))
-                )
-            )
-        if not parts:
+        if not leaves and not levels:
             return {}
-        stmt = parts[0] if len(parts) == 1 else union_all(*parts)
+        groups = sorted(levels.items())
+        params: dict[str, int] = {f"a{i}": idx for i, idx in enumerate(leaves)}
+        for g, (level, ids) in enumerate(groups):
+            params[f"l{g}"] = level
+            params.update((f"n{g}_{i}", idx) for i, idx in enumerate(ids))
+        stmt = _nodes_query(len(leaves), tuple(len(ids) for _, ids in groups))
         return {(int(level), int(idx)): bytes(digest)
-                for level, idx, digest in self._conn.execute(stmt)}
+                for level, idx, digest in self._conn.execute(stmt, params)}
+
+
+@lru_cache(maxsize=4096)
+def _nodes_query(leaf_count: int, group_sizes: tuple[int, ...]) -> TextClause:
+    parts = []
+    if leaf_count:
+        binds = ", ".join(f":a{i}" for i in range(leaf_count))
+        parts.append(f"SELECT 0 AS level, idx, leaf_hash AS hash FROM log_leaves WHERE idx IN ({binds})")
+    if group_sizes:
+        ors = " OR ".join(
+            f"(level = :l{g} AND idx IN ({', '.join(f':n{g}_{i}' for i in range(n))}))"
+            for g, n in enumerate(group_sizes)
+        )
+        parts.append(f"SELECT level, idx, hash FROM log_nodes WHERE {ors}")
+    return text(" UNION ALL ".join(parts))
+
+
+def _bulk_insert(conn: Connection, table: str, columns: tuple[str, ...], rows: list[tuple]) -> None:
+    """Insert many rows below SQLAlchemy: its per-row parameter processing costs more than the
+    inserts. PostgreSQL: ``COPY … FROM STDIN`` on the transaction's own connection; SQLite:
+    the driver's ``executemany``."""
+    if not rows:
+        return
+    names = ", ".join(columns)
+    if conn.dialect.name == "postgresql":
+        with conn.connection.driver_connection.cursor() as cur:  # type: ignore[union-attr]
+            with cur.copy(f"COPY {table} ({names}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+    else:
+        marks = ", ".join("?" for _ in columns)
+        conn.exec_driver_sql(f"INSERT INTO {table} ({names}) VALUES ({marks})", rows)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -305,25 +397,23 @@ class SqlLogStore:
 
     def append(self, conn: Connection, entry: bytes) -> None:
         """Queue one leaf in the caller's transaction: it is durable when the caller commits."""
-        conn.execute(insert(log_queue).values(leaf=entry, queued=self._clock()))
+        conn.execute(_APPEND, {"leaf": entry, "queued": self._clock()})
 
     def append_many(self, conn: Connection, entries: Sequence[bytes]) -> None:
-        if entries:
-            now = self._clock()
-            conn.execute(insert(log_queue), [{"leaf": e, "queued": now} for e in entries])
+        now = self._clock()
+        _bulk_insert(conn, "log_queue", ("leaf", "queued"), [(e, now) for e in entries])
 
     # ---- reads
 
     @staticmethod
     def state(conn: Connection) -> tuple[int, bytes]:
         """(tree size, root hash); (0, empty root) before the first integration."""
-        row = conn.execute(select(log_state.c.size, log_state.c.root_hash)
-                           .where(log_state.c.id == 1)).first()
+        row = conn.execute(_STATE).first()
         return (0, EMPTY_ROOT) if row is None else (int(row[0]), bytes(row[1]))
 
     @staticmethod
     def has_queued(conn: Connection) -> bool:
-        return bool(conn.execute(select(exists().select_from(log_queue))).scalar())
+        return bool(conn.execute(_HAS_QUEUED).scalar())
 
     @staticmethod
     def queue_length(conn: Connection) -> int:
@@ -332,10 +422,7 @@ class SqlLogStore:
     @staticmethod
     def leaf_index(conn: Connection, leaf_hash: bytes, tree_size: int) -> int | None:
         """Lowest index < ``tree_size`` of a leaf with this hash, or None."""
-        value = conn.execute(
-            select(func.min(log_leaves.c.idx))
-            .where(log_leaves.c.leaf_hash == leaf_hash, log_leaves.c.idx < tree_size)
-        ).scalar()
+        value = conn.execute(_LEAF_INDEX, {"leaf_hash": leaf_hash, "tree_size": tree_size}).scalar()
         return None if value is None else int(value)
 
     @staticmethod
@@ -381,25 +468,23 @@ class SqlLogStore:
             if not taken:
                 return 0
             taken.sort(key=lambda row: row[0])  # RETURNING order is unspecified
-            row = c.execute(select(log_state.c.size, log_state.c.root_hash)
-                            .where(log_state.c.id == 1)).first()
+            row = c.execute(_STATE).first()
             size, root = (0, EMPTY_ROOT) if row is None else (int(row[0]), bytes(row[1]))
             compact = self._compact_range(c, size, root)
 
-            leaf_rows: list[dict] = []
-            node_rows: list[dict] = []
+            leaf_rows: list[tuple[int, bytes, bytes]] = []
+            node_rows: list[tuple[int, int, bytes]] = []
             idx = size
             for _, leaf in taken:
                 leaf = bytes(leaf)
                 digest = merkle.leaf_hash(leaf)
-                leaf_rows.append({"idx": idx, "leaf": leaf, "leaf_hash": digest})
+                leaf_rows.append((idx, leaf, digest))
                 for level, index, node in compact.append(digest):
                     if level:
-                        node_rows.append({"level": level, "idx": index, "hash": node})
+                        node_rows.append((level, index, node))
                 idx += 1
-            c.execute(insert(log_leaves), leaf_rows)
-            if node_rows:
-                c.execute(insert(log_nodes), node_rows)
+            _bulk_insert(c, "log_leaves", ("idx", "leaf", "leaf_hash"), leaf_rows)
+            _bulk_insert(c, "log_nodes", ("level", "idx", "hash"), node_rows)
 
             new_root = compact.root()
             values = {"size": compact.size, "root_hash": new_root, "updated": self._clock()}
@@ -422,7 +507,7 @@ class SqlLogStore:
 
     @staticmethod
     def last_checkpoint_size(conn: Connection) -> int | None:
-        value = conn.execute(select(func.max(log_checkpoints.c.size))).scalar()
+        value = conn.execute(_LAST_CHECKPOINT_SIZE).scalar()
         return None if value is None else int(value)
 
     def checkpoint(
@@ -487,13 +572,10 @@ class SqlLogStore:
     def store_cosignature(conn: Connection, size: int, witness_name: str, line: str,
                           created: int) -> bool:
         """Store a (verified) cosignature line; False when this witness already cosigned."""
-        dialect = conn.dialect.name
-        values = {"size": size, "witness_name": witness_name, "line": line, "created": created}
-        if dialect == "postgresql":
-            stmt = postgresql.insert(log_cosignatures).values(**values).on_conflict_do_nothing()
-        elif dialect == "sqlite":
-            stmt = sqlite.insert(log_cosignatures).values(**values).on_conflict_do_nothing()
-        else:  # pragma: no cover - only the two supported dialects reach here
-            stmt = insert(log_cosignatures).values(**values)
-        return conn.execute(stmt).rowcount == 1
+        dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+        stmt = (dialect.insert(log_cosignatures)
+                .values(size=size, witness_name=witness_name, line=line, created=created)
+                .on_conflict_do_nothing()
+                .returning(log_cosignatures.c.size))  # rowcount is not reliable for upserts
+        return conn.execute(stmt).first() is not None
 

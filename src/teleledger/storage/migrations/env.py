@@ -3,6 +3,7 @@
 from alembic import context
 from sqlalchemy import create_engine
 
+from teleledger.ledger.log import storage as _log_tables  # noqa: F401  (registers the log's tables)
 from teleledger.storage.tables import metadata
 
 connection = context.config.attributes.get("connection")

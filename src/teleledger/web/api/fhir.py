@@ -16,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from teleledger import __version__
 from teleledger.core.errors import InvalidInput, NotFound, PayloadTooLarge
 from teleledger.fhir import searchparams as sp
+from teleledger.fhir.validation import ID_PATTERN
 from teleledger.records.bundles import parse_etag
 from teleledger.records.store import Stored, instant
 from teleledger.web.deps import Ctx, NodeDep
@@ -69,13 +70,17 @@ def _strict(request: Request) -> bool:
 
 
 def _version(vid: str) -> int:
-    try:
-        v = int(vid)
-    except ValueError:
-        raise NotFound(f"version {vid!r} is not a version number") from None
-    if v < 1:
-        raise NotFound(f"version {vid!r} does not exist")
-    return v
+    if not vid.isascii() or not vid.isdigit() or len(vid) > 9 or int(vid) < 1:
+        raise NotFound(f"version {vid[:20]!r} does not exist")
+    return int(vid)
+
+
+def _check_id(res_id: str, *, write: bool = False) -> str:
+    if not ID_PATTERN.fullmatch(res_id):
+        if write:
+            raise InvalidInput("a resource id is 1–64 letters, digits, '-' or '.'")
+        raise NotFound("no resource has this id (ids are 1–64 letters, digits, '-' or '.')")
+    return res_id
 
 
 @router.get("/metadata")
@@ -142,6 +147,7 @@ async def transaction(request: Request, node: NodeDep, who: Ctx) -> Response:
 
 @router.get("/Patient/{res_id}/$everything")
 async def everything(res_id: str, request: Request, node: NodeDep, who: Ctx) -> Response:
+    _check_id(res_id)
     return fhir_response(await run_in_threadpool(node.records.everything, who, res_id, _query(request)))
 
 
@@ -183,6 +189,7 @@ async def create(res_type: str, request: Request, node: NodeDep, who: Ctx) -> Re
 async def read(res_type: str, res_id: str, node: NodeDep, who: Ctx) -> Response:
     """read (https://hl7.org/fhir/R4/http.html#read)."""
     _check_type(res_type)
+    _check_id(res_id)
     return _resource_response(node, await run_in_threadpool(node.records.read, who, res_type, res_id))
 
 
@@ -190,6 +197,7 @@ async def read(res_type: str, res_id: str, node: NodeDep, who: Ctx) -> Response:
 async def update(res_type: str, res_id: str, request: Request, node: NodeDep, who: Ctx) -> Response:
     """update (https://hl7.org/fhir/R4/http.html#update) with If-Match (412 on a stale version)."""
     _check_type(res_type)
+    _check_id(res_id, write=True)
     resource = await read_json(request, node.settings.max_body_bytes)
     if_match = parse_etag(request.headers.get("if-match"))
     stored, created = await run_in_threadpool(node.records.update, who, res_type, res_id, resource, if_match=if_match)
@@ -200,6 +208,7 @@ async def update(res_type: str, res_id: str, request: Request, node: NodeDep, wh
 async def delete(res_type: str, res_id: str, node: NodeDep, who: Ctx) -> Response:
     """delete (https://hl7.org/fhir/R4/http.html#delete)."""
     _check_type(res_type)
+    _check_id(res_id)
     stored = await run_in_threadpool(node.records.delete, who, res_type, res_id)
     headers = {"ETag": stored.etag} if stored else None
     return Response(status_code=204, headers=headers)
@@ -208,6 +217,7 @@ async def delete(res_type: str, res_id: str, node: NodeDep, who: Ctx) -> Respons
 @router.get("/{res_type}/{res_id}/_history")
 async def history_instance(res_type: str, res_id: str, request: Request, node: NodeDep, who: Ctx) -> Response:
     _check_type(res_type)
+    _check_id(res_id)
     return fhir_response(await run_in_threadpool(node.records.history, who, res_type, res_id, _query(request)))
 
 
@@ -215,4 +225,5 @@ async def history_instance(res_type: str, res_id: str, request: Request, node: N
 async def vread(res_type: str, res_id: str, vid: str, node: NodeDep, who: Ctx) -> Response:
     """vread (https://hl7.org/fhir/R4/http.html#vread)."""
     _check_type(res_type)
+    _check_id(res_id)
     return _resource_response(node, await run_in_threadpool(node.records.vread, who, res_type, res_id, _version(vid)))

@@ -25,7 +25,7 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('client_id')
     )
     op.create_table('data_keys',
-    sa.Column('key_id', sa.String(length=64), nullable=False),
+    sa.Column('key_id', sa.String(length=80), nullable=False),
     sa.Column('wrapped', sa.LargeBinary(), nullable=False),
     sa.Column('created', sa.BigInteger(), nullable=False),
     sa.PrimaryKeyConstraint('key_id')
@@ -119,7 +119,7 @@ def upgrade() -> None:
     sa.Column('version', sa.Integer(), nullable=False),
     sa.Column('last_updated', sa.BigInteger(), nullable=False),
     sa.Column('method', sa.String(length=8), nullable=False),
-    sa.Column('key_id', sa.String(length=64), nullable=False),
+    sa.Column('key_id', sa.String(length=80), nullable=False),
     sa.Column('body', sa.LargeBinary(), nullable=True),
     sa.PrimaryKeyConstraint('res_type', 'res_id', 'version')
     )
