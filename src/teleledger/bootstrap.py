@@ -24,6 +24,7 @@ from teleledger.identity.tokens import TokenIssuer, TokenVerifier
 from teleledger.ledger.log.note import Ed25519Signer
 from teleledger.ledger.log.service import TransparencyLog
 from teleledger.records.audit import Auditor
+from teleledger.records.audit_events import AuditEventService
 from teleledger.records.bundles import BundleProcessor
 from teleledger.records.keys import KeyRing
 from teleledger.records.search import SqlSearch
@@ -47,6 +48,7 @@ class Node:
     node_key: Ed25519PrivateKey
     log: TransparencyLog
     auditor: Auditor
+    audit_events: AuditEventService
 
     def close(self) -> None:
         self.engine.dispose()
@@ -103,7 +105,9 @@ def build(settings: Settings, *, migrate_schema: bool = True) -> Node:
     verifier = TokenVerifier([node_key.public_key()], issuer=settings.public_url,
                              audience=settings.public_url + "/fhir", now=_utcnow)
     return Node(settings, engine, master, records, BundleProcessor(records), Accounts(engine, hasher), issuer, verifier,
-                node_key, log, auditor)
+                node_key, log, auditor,
+                AuditEventService(engine, base_url=settings.public_url, observer=settings.node_name,
+                                  default_count=settings.default_page_size, max_count=settings.max_page_size))
 
 
 def master_key_fingerprint(master: MasterKey) -> str:

@@ -209,7 +209,9 @@ UNKNOWN = b64(leaf_hash(b"never logged"))
         ("/ledger/proof/consistency?first=3", 400, "missing query parameter 'second'"),
     ],
 )
-def test_every_bad_question_is_an_operation_outcome(client: TestClient, query: str, status: int, diagnostics: str) -> None:
+def test_every_bad_question_is_an_operation_outcome(
+    client: TestClient, query: str, status: int, diagnostics: str
+) -> None:
     response = client.get(query)
     assert response.status_code == status, response.text
     body = response.json()

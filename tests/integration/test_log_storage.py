@@ -210,7 +210,9 @@ def test_log_nodes_hold_exactly_the_perfect_subtrees_above_the_leaves(engine: En
     assert got == expected
 
 
-def test_a_second_log_instance_rereads_the_tree_another_one_grew(url: str, engine: Engine, log: TransparencyLog) -> None:
+def test_a_second_log_instance_rereads_the_tree_another_one_grew(
+    url: str, engine: Engine, log: TransparencyLog
+) -> None:
     other_engine = make_engine(url)  # as if another process on the same database
     other = TransparencyLog(other_engine, SIGNER)
     try:
@@ -292,7 +294,9 @@ def test_concurrent_integrators_never_duplicate_or_skip_an_index(url: str, engin
         engines[1].dispose()
 
 
-def test_integrate_waits_while_another_sequencer_holds_the_lock(backend: str, engine: Engine, log: TransparencyLog) -> None:
+def test_integrate_waits_while_another_sequencer_holds_the_lock(
+    backend: str, engine: Engine, log: TransparencyLog
+) -> None:
     """The other sequencer is simulated by a transaction holding what integrate must take:
     the advisory lock on PostgreSQL, the write lock (BEGIN IMMEDIATE) on SQLite."""
     append_committed(engine, log, [entry(0), entry(1)])
@@ -345,7 +349,8 @@ def test_a_checkpoint_is_signed_only_when_the_tree_grew(engine: Engine, log: Tra
     second = log.flush()
     assert second is not None and second.size == 3
     with engine.connect() as c:
-        assert [int(s) for s in c.execute(select(log_checkpoints.c.size).order_by(log_checkpoints.c.size)).scalars()] == [2, 3]
+        sizes = c.execute(select(log_checkpoints.c.size).order_by(log_checkpoints.c.size)).scalars()
+        assert [int(size) for size in sizes] == [2, 3]
 
 
 @pytest.mark.parametrize("node", [(3, 0), (2, 1)], ids=["root-of-8-vs-state", "proof-from-4"])
@@ -473,7 +478,9 @@ def test_entries_are_served_in_order_at_most_1000_at_a_time(engine: Engine, log:
     assert log.entries(17, 20) == entries[17:20]
 
 
-def test_proof_reads_on_sqlite_do_not_wait_for_the_write_lock(backend: str, engine: Engine, log: TransparencyLog) -> None:
+def test_proof_reads_on_sqlite_do_not_wait_for_the_write_lock(
+    backend: str, engine: Engine, log: TransparencyLog
+) -> None:
     if backend != "sqlite":
         pytest.skip("SQLite-specific: PostgreSQL readers never block on writers")
     append_committed(engine, log, [entry(i) for i in range(9)])

@@ -50,7 +50,8 @@ This module must never perform I/O itself: care relationships and grants are inj
 
 from __future__ import annotations
 
-from typing import Final
+from dataclasses import dataclass
+from typing import Final, TypeAlias
 
 from teleledger.policy.model import (
     NO_GRANTS,
@@ -267,3 +268,32 @@ def search_filter(principal: Principal) -> SearchFilter:
     if role in ROLE_CONTEXT:
         return _PUBLIC_ONLY
     return _NOTHING
+
+
+@dataclass(frozen=True, slots=True)
+class OwnActions:
+    """Audit rows whose actor is this account (anyone may review what they did)."""
+
+    subject: str
+
+
+AuditFilter: TypeAlias = All | Compartments | OwnActions | Nothing
+
+
+def audit_filter(principal: Principal) -> AuditFilter:
+    """Which access events (served as AuditEvent) a principal may read.
+
+    Scope first (``AuditEvent`` with ``r``/``s`` in the principal's context), then:
+    service → All; admin → All ("audit-review": the privacy officer's job — audit rows hold ids
+    and codes, never clinical content); patient → Compartments({own id}) ("who accessed my
+    record"); every other role → OwnActions (their own activity only).
+    """
+    context = ROLE_CONTEXT.get(principal.role)
+    if context is None or not (principal.scopes.allows(context, "AuditEvent", "s")
+                               or principal.scopes.allows(context, "AuditEvent", "r")):
+        return _NOTHING
+    if principal.role in ("service", "admin"):
+        return _ALL
+    if principal.role == "patient":
+        return Compartments(frozenset({principal.patient_id})) if principal.patient_id else _NOTHING
+    return OwnActions(principal.subject)

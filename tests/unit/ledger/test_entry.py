@@ -116,8 +116,11 @@ _refs = st.builds(version_reference, _types, _ids, st.integers(1, 2**32 - 1))
 
 @settings(max_examples=200, deadline=None)
 @given(ts=st.integers(0, 2**63 - 1), method=st.sampled_from(["create", "update", "delete"]),
-       rtype=_types, rid=_ids, version=st.integers(1, 2**32 - 1), digest=st.binary(min_size=32, max_size=32))
-def test_every_valid_change_entry_round_trips(ts, method, rtype, rid, version, digest) -> None:  # type: ignore[no-untyped-def]
+       rtype=_types, rid=_ids, version=st.integers(1, 2**32 - 1),
+       digest=st.binary(min_size=32, max_size=32))
+def test_every_valid_change_entry_round_trips(  # type: ignore[no-untyped-def]
+    ts, method, rtype, rid, version, digest
+) -> None:
     digest = b"" if method == "delete" else digest
     raw = encode_change(timestamp_us=ts, method=method, resource_type=rtype, resource_id=rid,
                         version=version, content_hmac=digest)
@@ -131,7 +134,9 @@ def test_every_valid_change_entry_round_trips(ts, method, rtype, rid, version, d
        outcome=st.sampled_from(["allowed", "denied"]), reason=st.one_of(st.just(""), _tokens),
        pseudo=st.one_of(st.just(b""), st.binary(min_size=32, max_size=32)),
        refs=st.lists(_refs, max_size=20))
-def test_every_valid_access_entry_round_trips(ts, actor, role, action, purpose, outcome, reason, pseudo, refs) -> None:  # type: ignore[no-untyped-def]
+def test_every_valid_access_entry_round_trips(  # type: ignore[no-untyped-def]
+    ts, actor, role, action, purpose, outcome, reason, pseudo, refs
+) -> None:
     raw = encode_access(timestamp_us=ts, actor=actor, role=role, action=action, purpose=purpose,
                         outcome=outcome, reason=reason, patient_pseudonym=pseudo, references=refs)
     entry = decode(raw)

@@ -10,8 +10,10 @@ Writing is two steps, as in Trillian:
    while the tree grows) signs a C2SP checkpoint of the new tree head.
 
 Reading (proofs, entries, checkpoints) answers public, unauthenticated requests: inputs are
-validated here (``InvalidInput`` → 400, ``NotFound`` → 404), and on SQLite reads go through a
-read-only pool that never takes the write lock (``storage.read_only_engine``).
+validated here (``InvalidInput`` → 400, ``NotFound`` → 404), and reads go through a read-only
+pool of their own that never takes SQLite's write lock (``storage.read_only_engine``); the
+sequencer has its own small pool too (``storage.sequencer_engine``), so 64 busy writers do not
+starve it. ``close()`` disposes both.
 
 Nothing here logs entry bytes, and the sequencer logs only error class names: SQLAlchemy
 error messages carry statement parameters, which would be leaf bytes.

@@ -14,7 +14,7 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from teleledger import __version__
-from teleledger.core.errors import InvalidInput, NotFound, PayloadTooLarge
+from teleledger.core.errors import InvalidInput, MethodNotAllowed, NotFound, PayloadTooLarge
 from teleledger.fhir import searchparams as sp
 from teleledger.fhir.validation import ID_PATTERN
 from teleledger.records.bundles import parse_etag
@@ -56,9 +56,15 @@ async def read_json(request: Request, limit: int) -> Any:
         raise InvalidInput(f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
 
 
-def _check_type(res_type: str) -> None:
+# AuditEvents are the server's own record of access: readable and searchable, never written by clients
+SERVER_MANAGED = "AuditEvent"
+
+
+def _check_type(res_type: str, *, write: bool = False) -> None:
     if res_type not in sp.supported_types():
         raise NotFound(f"resource type {res_type!r} is not supported by this server (see /fhir/metadata)")
+    if write and res_type == SERVER_MANAGED:
+        raise MethodNotAllowed("AuditEvents are recorded by the server: read and search them; they cannot be written")
 
 
 def _query(request: Request) -> list[tuple[str, str]]:
@@ -93,6 +99,14 @@ def capability_statement(base: str) -> dict:
     resources = []
     for rt in sp.supported_types():
         params = sp.params_for(rt)
+        if rt == SERVER_MANAGED:
+            resources.append({"type": rt, "interaction": [{"code": "read"}, {"code": "search-type"}],
+                              "searchParam": [{"name": n, "type": "token" if n in ("outcome", "action", "subtype",
+                                                                                      "purpose", "_id")
+                                               else "date" if n == "date" else "reference"}
+                                              for n in ("patient", "agent", "date", "outcome", "action", "subtype",
+                                                        "purpose", "_id")]})
+            continue
         resources.append({
             "type": rt,
             "interaction": [{"code": c} for c in
@@ -155,6 +169,9 @@ async def everything(res_id: str, request: Request, node: NodeDep, who: Ctx) -> 
 async def search(res_type: str, request: Request, node: NodeDep, who: Ctx) -> Response:
     """search-type (https://hl7.org/fhir/R4/http.html#search)."""
     _check_type(res_type)
+    if res_type == SERVER_MANAGED:
+        return fhir_response(await run_in_threadpool(node.audit_events.search, who, _query(request),
+                                                     strict=_strict(request)))
     return fhir_response(await run_in_threadpool(node.records.search, who, res_type, _query(request),
                                                  strict=_strict(request)))
 
@@ -164,19 +181,21 @@ async def search_post(res_type: str, request: Request, node: NodeDep, who: Ctx) 
     _check_type(res_type)
     form = await request.form()
     items = _query(request) + [(k, str(v)) for k, v in form.multi_items()]
+    if res_type == SERVER_MANAGED:
+        return fhir_response(await run_in_threadpool(node.audit_events.search, who, items, strict=_strict(request)))
     return fhir_response(await run_in_threadpool(node.records.search, who, res_type, items, strict=_strict(request)))
 
 
 @router.get("/{res_type}/_history")
 async def history_type(res_type: str, request: Request, node: NodeDep, who: Ctx) -> Response:
-    _check_type(res_type)
+    _check_type(res_type, write=True)
     return fhir_response(await run_in_threadpool(node.records.history, who, res_type, None, _query(request)))
 
 
 @router.post("/{res_type}")
 async def create(res_type: str, request: Request, node: NodeDep, who: Ctx) -> Response:
     """create (https://hl7.org/fhir/R4/http.html#create), conditional with If-None-Exist."""
-    _check_type(res_type)
+    _check_type(res_type, write=True)
     resource = await read_json(request, node.settings.max_body_bytes)
     if isinstance(resource, dict) and resource.get("resourceType") != res_type:
         raise InvalidInput(f"resourceType {resource.get('resourceType')!r} in the body does not match {res_type!r} in the URL")
@@ -189,6 +208,8 @@ async def create(res_type: str, request: Request, node: NodeDep, who: Ctx) -> Re
 async def read(res_type: str, res_id: str, node: NodeDep, who: Ctx) -> Response:
     """read (https://hl7.org/fhir/R4/http.html#read)."""
     _check_type(res_type)
+    if res_type == SERVER_MANAGED:
+        return fhir_response(await run_in_threadpool(node.audit_events.read, who, res_id))
     _check_id(res_id)
     return _resource_response(node, await run_in_threadpool(node.records.read, who, res_type, res_id))
 
@@ -196,7 +217,7 @@ async def read(res_type: str, res_id: str, node: NodeDep, who: Ctx) -> Response:
 @router.put("/{res_type}/{res_id}")
 async def update(res_type: str, res_id: str, request: Request, node: NodeDep, who: Ctx) -> Response:
     """update (https://hl7.org/fhir/R4/http.html#update) with If-Match (412 on a stale version)."""
-    _check_type(res_type)
+    _check_type(res_type, write=True)
     _check_id(res_id, write=True)
     resource = await read_json(request, node.settings.max_body_bytes)
     if_match = parse_etag(request.headers.get("if-match"))
@@ -207,7 +228,7 @@ async def update(res_type: str, res_id: str, request: Request, node: NodeDep, wh
 @router.delete("/{res_type}/{res_id}")
 async def delete(res_type: str, res_id: str, node: NodeDep, who: Ctx) -> Response:
     """delete (https://hl7.org/fhir/R4/http.html#delete)."""
-    _check_type(res_type)
+    _check_type(res_type, write=True)
     _check_id(res_id)
     stored = await run_in_threadpool(node.records.delete, who, res_type, res_id)
     headers = {"ETag": stored.etag} if stored else None
@@ -216,7 +237,7 @@ async def delete(res_type: str, res_id: str, node: NodeDep, who: Ctx) -> Respons
 
 @router.get("/{res_type}/{res_id}/_history")
 async def history_instance(res_type: str, res_id: str, request: Request, node: NodeDep, who: Ctx) -> Response:
-    _check_type(res_type)
+    _check_type(res_type, write=True)
     _check_id(res_id)
     return fhir_response(await run_in_threadpool(node.records.history, who, res_type, res_id, _query(request)))
 
@@ -224,6 +245,6 @@ async def history_instance(res_type: str, res_id: str, request: Request, node: N
 @router.get("/{res_type}/{res_id}/_history/{vid}")
 async def vread(res_type: str, res_id: str, vid: str, node: NodeDep, who: Ctx) -> Response:
     """vread (https://hl7.org/fhir/R4/http.html#vread)."""
-    _check_type(res_type)
+    _check_type(res_type, write=True)
     _check_id(res_id)
     return _resource_response(node, await run_in_threadpool(node.records.vread, who, res_type, res_id, _version(vid)))
