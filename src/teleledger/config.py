@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     demo_data: bool = True
     samples_dir: Path | None = None
     workers: int = Field(default=1, ge=1, le=64)
+    #: witnesses whose cosignatures this node accepts: comma-separated C2SP verifier keys
+    #: (``name+hexid+base64(0x04 || ed25519 public key)``)
+    witness_keys: str = ""
 
     @property
     def sqlalchemy_url(self) -> str:
