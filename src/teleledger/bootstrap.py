@@ -21,7 +21,7 @@ from teleledger.core.crypto import KeyedHash, LocalMasterKey, MasterKey, new_dat
 from teleledger.identity.accounts import Accounts
 from teleledger.identity.passwords import Hasher
 from teleledger.identity.tokens import TokenIssuer, TokenVerifier
-from teleledger.ledger.log.note import Ed25519Signer
+from teleledger.ledger.log.note import CosignatureVerifier, Ed25519Signer
 from teleledger.ledger.log.service import TransparencyLog
 from teleledger.records.audit import Auditor
 from teleledger.records.audit_events import AuditEventService
@@ -51,6 +51,7 @@ class Node:
     audit_events: AuditEventService
 
     def close(self) -> None:
+        self.log.close()
         self.engine.dispose()
 
 
@@ -90,7 +91,8 @@ def build(settings: Settings, *, migrate_schema: bool = True) -> Node:
     index_hash = KeyedHash(master.derive("teleledger search-index v1"))
     # the log's signing key and HMAC key are node secrets too: every process signs as the same node
     log_signer = Ed25519Signer.from_seed(settings.node_name, _node_secret(engine, master, "log-signing-key"))
-    log = TransparencyLog(engine, log_signer)
+    log = TransparencyLog(engine, log_signer, witnesses=[
+        CosignatureVerifier.from_vkey(k.strip()) for k in settings.witness_keys.split(",") if k.strip()])
     auditor = Auditor(log, KeyedHash(master.derive("teleledger log v1")))
     store = ResourceStore(KeyRing(master), index_hash, on_change=auditor.changes)
     records = RecordsService(
