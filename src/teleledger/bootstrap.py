@@ -17,6 +17,7 @@ from sqlalchemy import Engine
 from sqlalchemy.dialects import postgresql, sqlite
 
 from teleledger.config import Settings
+from teleledger.core.errors import ConfigurationError, TeleledgerError
 from teleledger.core.crypto import KeyedHash, LocalMasterKey, MasterKey, new_data_key, open_sealed, seal
 from teleledger.identity.accounts import Accounts
 from teleledger.identity.passwords import Hasher
@@ -79,6 +80,16 @@ def _node_secret(engine: Engine, master: MasterKey, name: str) -> bytes:
     return open_sealed(aead, sealed, name.encode(), what=f"node secret {name}")
 
 
+def _witnesses(settings: Settings) -> list[CosignatureVerifier]:
+    out = []
+    for key in filter(None, (k.strip() for k in settings.witness_keys.split(","))):
+        try:
+            out.append(CosignatureVerifier.from_vkey(key))
+        except TeleledgerError as exc:
+            raise ConfigurationError(f"TELELEDGER_WITNESS_KEYS: {exc.message}") from exc
+    return out
+
+
 def build(settings: Settings, *, migrate_schema: bool = True) -> Node:
     settings.check()
     settings.home.mkdir(parents=True, exist_ok=True)
@@ -91,8 +102,7 @@ def build(settings: Settings, *, migrate_schema: bool = True) -> Node:
     index_hash = KeyedHash(master.derive("teleledger search-index v1"))
     # the log's signing key and HMAC key are node secrets too: every process signs as the same node
     log_signer = Ed25519Signer.from_seed(settings.node_name, _node_secret(engine, master, "log-signing-key"))
-    log = TransparencyLog(engine, log_signer, witnesses=[
-        CosignatureVerifier.from_vkey(k.strip()) for k in settings.witness_keys.split(",") if k.strip()])
+    log = TransparencyLog(engine, log_signer, witnesses=_witnesses(settings))
     auditor = Auditor(log, KeyedHash(master.derive("teleledger log v1")))
     store = ResourceStore(KeyRing(master), index_hash, on_change=auditor.changes)
     records = RecordsService(

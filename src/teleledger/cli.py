@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from teleledger.cli_witness import register as register_witness
 from teleledger.config import Settings
 from teleledger.core.errors import TeleledgerError
 
@@ -25,7 +26,9 @@ users_app = typer.Typer(help="manage people's accounts", no_args_is_help=True)
 clients_app = typer.Typer(help="manage service clients (OAuth client credentials)", no_args_is_help=True)
 app.add_typer(users_app, name="users")
 app.add_typer(clients_app, name="clients")
-console = Console(stderr=True)
+register_witness(app)
+# soft_wrap: an error message stays on one line when stderr is not a terminal
+console = Console(stderr=True, soft_wrap=True)
 
 
 def _fail(message: str, code: int = 1) -> None:

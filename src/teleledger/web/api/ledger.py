@@ -124,3 +124,42 @@ def consistency_proof(request: Request, log: LogDep) -> JSONResponse:
     second = _int_param(request, "second")
     proof = log.consistency_proof(first, second)
     return JSONResponse({"consistency": [_b64(h) for h in proof.path]})
+
+
+_MAX_COSIGNATURE_BYTES = 1024  # a cosignature/v1 line is ~ 120 bytes plus the witness name
+
+
+@router.post("/cosignature", response_class=PlainTextResponse)
+async def add_cosignature(request: Request, log: LogDep) -> PlainTextResponse:
+    """Store a witness's cosignature (c2sp.org/tlog-cosignature) of our checkpoint of ``size``:
+    the body is one signature line, text/plain. 201 stored, 200 already stored; a witness that
+    is not in ``TELELEDGER_WITNESS_KEYS`` is 403."""
+    from starlette.concurrency import run_in_threadpool
+
+    from teleledger.core.errors import Forbidden, PayloadTooLarge
+    from teleledger.ledger.log.note import FutureCosignature, InvalidSignature, UnverifiedNote
+
+    size = _int_param(request, "size")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > _MAX_COSIGNATURE_BYTES:
+            raise PayloadTooLarge(f"a cosignature line is at most {_MAX_COSIGNATURE_BYTES} bytes")
+    try:
+        line = bytes(body).decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInput("the body is not UTF-8; send one cosignature line as text/plain") from None
+    line = line.removesuffix("\n").removesuffix("\r")
+    if not line or "\n" in line:
+        raise InvalidInput("the body must be exactly one cosignature line (— <name> <base64>)")
+    try:
+        stored = await run_in_threadpool(log.add_cosignature, size, line)
+    except UnverifiedNote as exc:
+        who = ", ".join(f"{s.name}+{s.key_id:08x}" for s in exc.signatures) or "unknown"
+        raise Forbidden(f"witness {who} is not one this log accepts "
+                        "(the operator lists them in TELELEDGER_WITNESS_KEYS)") from exc
+    except (InvalidSignature, FutureCosignature) as exc:
+        raise InvalidInput(f"cosignature of the checkpoint of size {size} refused: {exc.message}") from exc
+    if stored:
+        return PlainTextResponse("cosignature stored\n", status_code=201, media_type=_TEXT)
+    return PlainTextResponse("cosignature already stored\n", media_type=_TEXT)
