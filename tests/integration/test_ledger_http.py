@@ -5,7 +5,6 @@ OperationOutcome for every bad question — on a SQLite file and on PostgreSQL (
 from __future__ import annotations
 
 import base64
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,7 +13,7 @@ from urllib.parse import quote
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine
 
 from teleledger.ledger.log import merkle
 from teleledger.ledger.log.entry import encode_change
@@ -25,8 +24,8 @@ from teleledger.storage.db import UnitOfWork, make_engine
 from teleledger.storage.tables import metadata
 from teleledger.web import errors
 from teleledger.web.api.ledger import router
+from tests.conftest import database_url
 
-PG_URL = os.environ.get("TELELEDGER_TEST_POSTGRES_URL", "")
 ORIGIN = "teleledger.test/http"
 SIGNER = Ed25519Signer.from_seed(ORIGIN, b"\x2a" * 32)
 SIZE = 21
@@ -36,21 +35,6 @@ ENTRIES = [
     for i in range(SIZE)
 ]
 HASHES = [leaf_hash(e) for e in ENTRIES]
-
-
-def database_url(backend: str, tmp_path: Path) -> str:
-    if backend == "sqlite":
-        return f"sqlite:///{tmp_path / 'log.db'}"
-    if not PG_URL:
-        if os.environ.get("TELELEDGER_REQUIRE_POSTGRES"):
-            pytest.fail("TELELEDGER_REQUIRE_POSTGRES is set but TELELEDGER_TEST_POSTGRES_URL is not")
-        pytest.skip("PostgreSQL backend: set TELELEDGER_TEST_POSTGRES_URL to run this case")
-    admin = create_engine(PG_URL.replace("postgresql://", "postgresql+psycopg://", 1))
-    with admin.begin() as conn:
-        conn.execute(text("DROP SCHEMA public CASCADE"))
-        conn.execute(text("CREATE SCHEMA public"))
-    admin.dispose()
-    return PG_URL
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ Tables come from ``metadata.create_all`` here; the Alembic migration for them is
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy import Engine, create_engine, func, select, text, update
+from sqlalchemy import Engine, func, select, text, update
 from sqlalchemy.exc import OperationalError
 
 from teleledger.core.errors import InvalidInput, NotFound
@@ -44,28 +43,13 @@ from teleledger.ledger.log.storage import (
 )
 from teleledger.storage.db import UnitOfWork, make_engine
 from teleledger.storage.tables import metadata, node_meta
+from tests.conftest import database_url
 
-PG_URL = os.environ.get("TELELEDGER_TEST_POSTGRES_URL", "")
 ORIGIN = "teleledger.test/log"
 SIGNER = Ed25519Signer.from_seed(ORIGIN, bytes(range(32)))
 WITNESS_KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32, 64)))
 WITNESS = CosignatureVerifier("witness.example", WITNESS_KEY.public_key())
 T0 = 1_750_000_000_000_000  # µs
-
-
-def database_url(backend: str, tmp_path: Path) -> str:
-    if backend == "sqlite":
-        return f"sqlite:///{tmp_path / 'log.db'}"
-    if not PG_URL:
-        if os.environ.get("TELELEDGER_REQUIRE_POSTGRES"):
-            pytest.fail("TELELEDGER_REQUIRE_POSTGRES is set but TELELEDGER_TEST_POSTGRES_URL is not")
-        pytest.skip("PostgreSQL backend: set TELELEDGER_TEST_POSTGRES_URL to run this case")
-    admin = create_engine(PG_URL.replace("postgresql://", "postgresql+psycopg://", 1))
-    with admin.begin() as conn:
-        conn.execute(text("DROP SCHEMA public CASCADE"))
-        conn.execute(text("CREATE SCHEMA public"))
-    admin.dispose()
-    return PG_URL
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from teleledger.core.errors import InvalidInput, Unauthenticated
-from teleledger.identity.scopes import ScopeSet
 from teleledger.identity.tokens import jwks
 from teleledger.web.deps import NodeDep
 
