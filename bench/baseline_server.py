@@ -4,8 +4,8 @@
 
 FastAPI + SQLite storing each resource's raw JSON in one row, with POST /fhir/{type} and
 GET/PUT/DELETE /fhir/{type}/{id}. No authentication, no validation, no history, no search
-index, no encryption. It runs with the server settings teleledger runs with (uvicorn, one
-worker process, uvloop/httptools when installed, no access log; SQLite in WAL mode with
+index, no encryption. It runs with the server settings teleledger runs with (uvicorn, as many
+worker processes as teleledger — ``--workers`` —, uvloop/httptools when installed, no access log; SQLite in WAL mode with
 ``synchronous=NORMAL``, ``BEGIN IMMEDIATE`` for writes, blocking database calls in the thread
 pool), so that ``bench/crud_load.py`` can report teleledger's throughput as a ratio of it.
 
@@ -15,6 +15,7 @@ It must never be used for anything but that comparison: it stores whatever it is
 from __future__ import annotations
 
 import argparse
+import os
 import sqlite3
 import tempfile
 import threading
@@ -164,14 +165,26 @@ def create_app(db_path: Path) -> FastAPI:
     return app
 
 
+def app_from_env() -> FastAPI:
+    """The app of one worker process (``--workers`` > 1): the database path is in the environment."""
+    return create_app(Path(os.environ["BASELINE_DB"]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8100)
     parser.add_argument("--db", type=Path, default=None, help="SQLite file (default: a fresh temporary one)")
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default 1)")
     args = parser.parse_args()
     db = args.db or Path(tempfile.mkdtemp(prefix="baseline-")) / "baseline.db"
     # the same uvicorn settings as `teleledger serve` (teleledger.cli.serve)
+    if args.workers > 1:
+        Db(db)  # create the schema once, before the workers race to
+        os.environ["BASELINE_DB"] = str(db)
+        uvicorn.run("baseline_server:app_from_env", factory=True, app_dir=str(Path(__file__).parent),
+                    workers=args.workers, host=args.host, port=args.port, log_level="warning", access_log=False)
+        return
     uvicorn.run(create_app(db), host=args.host, port=args.port, log_level="warning", access_log=False)
 
 

@@ -1,6 +1,6 @@
 """CRUD load benchmark: teleledger against a minimal unsecured baseline, in one session.
 
-    python bench/crud_load.py [--duration 20] [--users 32] [--rounds 2] [--warmup 3]
+    python bench/crud_load.py [--duration 20] [--users 32] [--rounds 2] [--warmup 3] [--workers 1]
 
 A Python port of the public FHIR-server CRUD load scenario. Each of ``--users`` concurrent
 virtual users holds one HTTP/1.1 keep-alive connection and loops over one *iteration*:
@@ -352,12 +352,8 @@ class Server:
     headers: dict[str, str] = field(default_factory=dict)
 
     def cpu_seconds(self) -> float:
-        """utime + stime of the server process (it serves from one process: no workers)."""
-        try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """utime + stime of the server process and of its worker processes (``--workers``)."""
+        return sum(_cpu_seconds(pid) for pid in _process_tree(self.proc.pid))
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -367,6 +363,32 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (uvicorn's worker processes are children of the supervisor)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
 
 
 def _log_tail(path: Path, n: int = 30) -> str:
@@ -414,9 +436,10 @@ def teleledger_command() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-c", "from teleledger.cli import main; main()"]
 
 
-def start_teleledger(workdir: Path) -> Server:
+def start_teleledger(workdir: Path, workers: int) -> Server:
     home = workdir / "teleledger-home"
     env = teleledger_env(home)
+    env["TELELEDGER_WORKERS"] = str(workers)
     made = subprocess.run([*teleledger_command(), "clients", "create", "--client-id", CLIENT_ID, "--secret",
                            CLIENT_SECRET, "--scope", "system/*.cruds"], env=env, capture_output=True, text=True)
     if made.returncode != 0:
@@ -426,10 +449,10 @@ def start_teleledger(workdir: Path) -> Server:
     return start("teleledger", argv, env, port, workdir)
 
 
-def start_baseline(workdir: Path) -> Server:
+def start_baseline(workdir: Path, workers: int) -> Server:
     port = free_port()
     argv = [sys.executable, str(BENCH_DIR / "baseline_server.py"), "--host", HOST, "--port", str(port),
-            "--db", str(workdir / "baseline.db")]
+            "--db", str(workdir / "baseline.db"), "--workers", str(workers)]
     return start("baseline", argv, dict(os.environ), port, workdir)
 
 
@@ -540,7 +563,8 @@ def report(runs: list[Run], args: argparse.Namespace, before: dict[str, str]) ->
     after = machine()
     ms = 1000.0
     table = Table(title=f"CRUD load: {args.users} virtual users, {args.duration:.0f} s per run, "
-                        f"36 requests per iteration (9 types x create/read/update/delete)")
+                        f"36 requests per iteration (9 types x create/read/update/delete), "
+                        f"{args.workers} worker process{'es' if args.workers > 1 else ''} per server")
     for col in ("run", "server", "requests", "req/s", "p50 ms", "p99 ms", "errors", "server CPU", "CPU ms/req",
                 "client CPU"):
         table.add_column(col, justify="left" if col in ("run", "server") else "right")
@@ -560,8 +584,8 @@ def report(runs: list[Run], args: argparse.Namespace, before: dict[str, str]) ->
     row("all", tele, "bold")
     ratio = tele.rps / base.rps if base.rps else float("nan")
     console.print(table)
-    console.print("server CPU = the server process's CPU time / wall time (100% = one core, all it can use with "
-                  "one worker); CPU ms/req moves less than req/s when other processes share the machine")
+    console.print("server CPU = the server's CPU time (all its processes) / wall time (100% = one core, all one "
+                  "worker can use); CPU ms/req moves less than req/s when other processes share the machine")
 
     ops = Table(title="latency per interaction (all runs), ms")
     ops.add_column("interaction")
@@ -640,6 +664,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=32, help="concurrent virtual users (default 32)")
     parser.add_argument("--rounds", type=int, default=2, help="baseline/teleledger pairs of runs (default 2)")
     parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds per server first (default 3)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="server worker processes, the same for both servers (default 1)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (server logs, databases)")
     args = parser.parse_args(argv)
 
@@ -651,8 +677,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="crud-load-"))
     servers: list[Server] = []
     try:
-        servers.append(start_baseline(workdir))
-        servers.append(start_teleledger(workdir))
+        servers.append(start_baseline(workdir, args.workers))
+        servers.append(start_teleledger(workdir, args.workers))
         console.print(f"baseline on {HOST}:{servers[0].port}, teleledger on {HOST}:{servers[1].port} "
                       f"(logs and databases in {workdir})")
         runs = run_async(bench(args, *servers))

@@ -5,6 +5,7 @@ Every error a user can cause ends in a one-line message and a non-zero exit, nev
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -140,7 +141,15 @@ def serve(
             _ensure_demo(node)
         except TeleledgerError as exc:
             _fail(exc.message)
-    console.print(f"teleledger serving on http://{settings.host}:{settings.port}  (FHIR base /fhir)")
+    console.print(f"teleledger serving on http://{settings.host}:{settings.port}  (FHIR base /fhir)"
+                  + (f" with {settings.workers} worker processes" if settings.workers > 1 else ""))
+    if settings.workers > 1:
+        # each worker process builds its own node from the environment (teleledger.web.asgi)
+        node.close()
+        os.environ["TELELEDGER_HOST"], os.environ["TELELEDGER_PORT"] = settings.host, str(settings.port)
+        uvicorn.run("teleledger.web.asgi:create", factory=True, workers=settings.workers, host=settings.host,
+                    port=settings.port, log_level="warning", access_log=False)
+        return
     uvicorn.run(create_app(node), host=settings.host, port=settings.port, log_level="warning", access_log=False)
 
 

@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     demo_data: bool = True
     samples_dir: Path | None = None
     workers: int = Field(default=1, ge=1, le=64)
+    #: record use cases running at once per process; 0 = 1 on SQLite (its one write lock
+    #: serializes them anyway), 16 on PostgreSQL (the size of the connection pool)
+    db_threads: int = Field(default=0, ge=0, le=256)
     #: witnesses whose cosignatures this node accepts: comma-separated C2SP verifier keys
     #: (``name+hexid+base64(0x04 || ed25519 public key)``)
     witness_keys: str = ""
@@ -55,6 +58,10 @@ class Settings(BaseSettings):
     @property
     def public_url(self) -> str:
         return (self.base_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    @property
+    def record_threads(self) -> int:
+        return self.db_threads or (1 if self.is_sqlite else 16)
 
     @property
     def is_sqlite(self) -> bool:

@@ -17,6 +17,11 @@ check failed; messages never contain the token or any claim value.
 Key rotation: issue with the new key, keep the old public key in the verifier (and the JWKS)
 until the last token it signed has expired (``ttl`` + leeway), then drop it.
 
+A verifier remembers the claims of the tokens it verified (bounded, keyed by the exact token
+text): everything but time follows from the signed bytes alone, so a repeat presentation skips
+the parsing and the signature check and is only judged again against the clock (``exp`` and
+``nbf``), exactly as a first one would be. Failures are never remembered.
+
 This module must never perform I/O, read the system clock, or log tokens.
 """
 
@@ -25,6 +30,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import secrets
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -52,6 +59,8 @@ ALGORITHM: Final[str] = "EdDSA"
 TOKEN_TYPE: Final[str] = "at+jwt"
 #: Far above any token we issue; refuses to parse megabytes of attacker-supplied text.
 _MAX_TOKEN_LENGTH: Final[int] = 8192
+#: Verified tokens remembered per verifier (least recently used dropped first).
+_CACHE_SIZE: Final[int] = 4096
 
 
 def _raw(public_key: Ed25519PublicKey) -> bytes:
@@ -214,7 +223,7 @@ class TokenIssuer:
 class TokenVerifier:
     """Verifies access tokens against one or more Ed25519 public keys (rotation)."""
 
-    __slots__ = ("_audience", "_issuer", "_keys", "_leeway", "_now")
+    __slots__ = ("_audience", "_cache", "_cache_size", "_issuer", "_keys", "_leeway", "_lock", "_now")
 
     def __init__(
         self,
@@ -223,6 +232,8 @@ class TokenVerifier:
         audience: str,
         now: Callable[[], datetime],
         leeway: timedelta = timedelta(seconds=30),
+        *,
+        cache_size: int = _CACHE_SIZE,
     ) -> None:
         if not public_keys:
             raise ConfigurationError("token verification needs at least one public key")
@@ -231,10 +242,39 @@ class TokenVerifier:
         self._audience = audience
         self._now = now
         self._leeway = int(leeway.total_seconds())
+        # token text -> (claims, nbf, exp) of a token whose signature and claims checked out
+        self._cache: OrderedDict[str, tuple[Claims, int, int]] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
 
     def verify(self, token: str) -> Claims:
         if not isinstance(token, str) or not token or len(token) > _MAX_TOKEN_LENGTH:
             raise Unauthenticated("access token is malformed")
+        with self._lock:
+            hit = self._cache.get(token)
+            if hit is not None:
+                self._cache.move_to_end(token)
+        if hit is not None:
+            claims, nbf, exp = hit
+            self._check_time(nbf, exp)
+            return claims
+        claims = self._verify(token)
+        if self._cache_size > 0:
+            entry = (claims, _epoch(claims.not_before), _epoch(claims.expires_at))
+            with self._lock:
+                self._cache[token] = entry
+                if len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+        return claims
+
+    def _check_time(self, nbf: int, exp: int) -> None:
+        now = _epoch(self._now())
+        if now >= exp + self._leeway:
+            raise Unauthenticated("access token has expired")
+        if now + self._leeway < nbf:
+            raise Unauthenticated("access token is not yet valid")
+
+    def _verify(self, token: str) -> Claims:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:
@@ -278,11 +318,7 @@ class TokenVerifier:
         iat, nbf, exp = payload.get("iat"), payload.get("nbf"), payload.get("exp")
         if not all(type(value) is int for value in (iat, nbf, exp)):
             raise Unauthenticated("access token times are malformed")
-        now = _epoch(self._now())
-        if now >= cast(int, exp) + self._leeway:
-            raise Unauthenticated("access token has expired")
-        if now + self._leeway < cast(int, nbf):
-            raise Unauthenticated("access token is not yet valid")
+        self._check_time(cast(int, nbf), cast(int, exp))
         subject, jti, role = payload.get("sub"), payload.get("jti"), payload.get("role")
         if not (isinstance(subject, str) and subject and isinstance(jti, str) and jti):
             raise Unauthenticated("access token claims are malformed")

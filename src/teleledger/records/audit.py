@@ -25,7 +25,10 @@ from teleledger.fhir import compartment
 from teleledger.ledger.log import entry as log_entry
 from teleledger.ledger.log.service import TransparencyLog
 from teleledger.policy.model import Principal
-from teleledger.storage import tables as t
+from teleledger.storage.db import run_many
+
+_INSERT_ACCESS_EVENT = ("INSERT INTO access_events (recorded, actor, role, fhir_user, action, purpose, outcome, "
+                        "reason, patient_id, refs, leaf_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 
 def _now_us() -> int:
@@ -67,7 +70,7 @@ class Auditor:
 
     def changes(self, conn: Connection, stored_list: Sequence) -> None:  # type: ignore[type-arg]
         if stored_list:
-            self.log.append_many(conn, [self.change_entry(s) for s in stored_list])
+            self.log.append_own(conn, [self.change_entry(s) for s in stored_list])
 
     # ---- accesses ---------------------------------------------------------------------------
 
@@ -102,9 +105,7 @@ class Auditor:
                 references=refs,
             )
             leaves.append(leaf)
-            rows.append({"recorded": now, "actor": principal.subject, "role": principal.role, "fhir_user": fhir_user,
-                         "action": action, "purpose": principal.purpose, "outcome": outcome, "reason": reason,
-                         "patient_id": patient_id, "refs": " ".join(refs),
-                         "leaf_hash": hashlib.sha256(b"\x00" + leaf).digest()})
-        self.log.append_many(conn, leaves)
-        conn.execute(t.access_events.insert(), rows)
+            rows.append((now, principal.subject, principal.role, fhir_user, action, principal.purpose, outcome,
+                         reason, patient_id, " ".join(refs), hashlib.sha256(b"\x00" + leaf).digest()))
+        self.log.append_own(conn, leaves)
+        run_many(conn, _INSERT_ACCESS_EVENT, rows)

@@ -46,10 +46,11 @@ def string_terms(h: KeyedHash, value: str) -> set[str]:
     return terms
 
 
-def build_rows(resource: dict, res_type: str, res_id: str, h: KeyedHash) -> dict[str, list[dict]]:
-    """Index rows per table name for one resource version."""
+def build_rows(resource: dict, res_type: str, res_id: str, h: KeyedHash) -> dict[str, list[tuple]]:
+    """Index rows per table name for one resource version, each a tuple in the table's column
+    order (``storage.tables``: res_type, res_id, param, then the table's own columns)."""
     params = sp.params_for(res_type)
-    rows: dict[str, list[dict]] = defaultdict(list)
+    rows: dict[str, list[tuple]] = defaultdict(list)
     seen: set = set()
     for entry in sp.extract(resource):
         if entry in seen:
@@ -58,27 +59,27 @@ def build_rows(resource: dict, res_type: str, res_id: str, h: KeyedHash) -> dict
         param = params.get(entry.param)
         if param is None:
             continue
-        base = {"res_type": res_type, "res_id": res_id, "param": entry.param}
+        name = entry.param
         if isinstance(entry, sp.TokenEntry):
             c, s, sc = token_hashes(h, entry.system, entry.code)
-            rows["idx_token"].append({**base, "code_h": c, "sys_h": s, "sys_code_h": sc})
+            rows["idx_token"].append((res_type, res_id, name, c, s, sc))
         elif isinstance(entry, sp.StringEntry):
             if param.phi:
+                hashed = rows["idx_string_hash"]
                 for term in string_terms(h, entry.value):
-                    rows["idx_string_hash"].append({**base, "term_h": term})
+                    hashed.append((res_type, res_id, name, term))
             else:
-                rows["idx_string"].append({**base, "norm": normalize_string(entry.value)[:255], "exact": entry.value})
+                rows["idx_string"].append((res_type, res_id, name, normalize_string(entry.value)[:255], entry.value))
         elif isinstance(entry, sp.DateEntry):
             low, high = (year_range(entry.low, entry.high)) if param.phi else (entry.low, entry.high)
-            rows["idx_date"].append({**base, "low": low, "high": high})
+            rows["idx_date"].append((res_type, res_id, name, low, high))
         elif isinstance(entry, sp.ReferenceEntry):
-            rows["idx_reference"].append({**base, "target_type": entry.type or "", "target_id": entry.id})
+            rows["idx_reference"].append((res_type, res_id, name, entry.type or "", entry.id))
         elif isinstance(entry, sp.QuantityEntry):
             rows["idx_quantity"].append(
-                {**base, "value": float(entry.value), "system": entry.system or "", "code": entry.code or entry.unit or ""}
+                (res_type, res_id, name, float(entry.value), entry.system or "", entry.code or entry.unit or "")
             )
     # blind-index terms repeat across name parts: store each once
     if "idx_string_hash" in rows:
-        uniq = {(r["param"], r["term_h"]): r for r in rows["idx_string_hash"]}
-        rows["idx_string_hash"] = list(uniq.values())
+        rows["idx_string_hash"] = list({(r[2], r[3]): r for r in rows["idx_string_hash"]}.values())
     return rows

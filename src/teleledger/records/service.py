@@ -192,16 +192,22 @@ class RecordsService:
     # ---- instance interactions --------------------------------------------------------------
 
     @audited
-    def create(self, principal: Principal, resource: object, *, if_none_exist: str | None = None) -> tuple[Stored, bool]:
-        """create / conditional create (https://hl7.org/fhir/R4/http.html#create, #ccreate)."""
+    def create(self, principal: Principal, resource: object, *, if_none_exist: str | None = None,
+               raw: bytes | None = None) -> tuple[Stored, bool]:
+        """create / conditional create (https://hl7.org/fhir/R4/http.html#create, #ccreate).
+
+        ``raw``: the JSON text ``resource`` was parsed from, when there is one (validating the
+        text is faster than validating the dict)."""
+        validate(resource, raw=raw)  # before the transaction: it needs no lock
         with UnitOfWork(self.engine) as uow:
-            result = self.create_in(uow.c, principal, resource, if_none_exist=if_none_exist)
+            result = self.create_in(uow.c, principal, resource, if_none_exist=if_none_exist, validated=True)
             uow.commit()
         return result
 
     def create_in(self, c: Connection, principal: Principal, resource: object, *,
-                  if_none_exist: str | None = None, res_id: str | None = None) -> tuple[Stored, bool]:
-        rt = validate(resource)
+                  if_none_exist: str | None = None, res_id: str | None = None,
+                  validated: bool = False) -> tuple[Stored, bool]:
+        rt = resource["resourceType"] if validated else validate(resource)  # type: ignore[index]
         assert isinstance(resource, dict)
         if if_none_exist:
             matches = self._conditional_matches(c, principal, rt, if_none_exist)
@@ -244,24 +250,29 @@ class RecordsService:
 
     @audited
     def update(self, principal: Principal, res_type: str, res_id: str, resource: object, *,
-               if_match: int | None = None) -> tuple[Stored, bool]:
-        """update / create-on-update (https://hl7.org/fhir/R4/http.html#update)."""
+               if_match: int | None = None, raw: bytes | None = None) -> tuple[Stored, bool]:
+        """update / create-on-update (https://hl7.org/fhir/R4/http.html#update); ``raw`` as for
+        ``create``."""
+        validate(resource, expected_type=res_type, raw=raw)  # before the transaction
         with UnitOfWork(self.engine) as uow:
-            result = self.update_in(uow.c, principal, res_type, res_id, resource, if_match=if_match)
+            result = self.update_in(uow.c, principal, res_type, res_id, resource, if_match=if_match,
+                                    validated=True)
             uow.commit()
         return result
 
     def update_in(self, c: Connection, principal: Principal, res_type: str, res_id: str, resource: object, *,
-                  if_match: int | None = None) -> tuple[Stored, bool]:
-        validate(resource, expected_type=res_type)
+                  if_match: int | None = None, validated: bool = False) -> tuple[Stored, bool]:
+        if not validated:
+            validate(resource, expected_type=res_type)
         assert isinstance(resource, dict)
         if resource.get("id") != res_id:
             raise InvalidInput(f"the body's id {resource.get('id')!r} does not match {res_id!r} in the URL")
-        if self.store.exists(c, res_type, res_id):
+        current = self.store.current(c, res_type, res_id, for_update=True)
+        if current is not None and current.body is not None:
             # both the old and the new content must be writable by this principal
-            self._check_write(c, principal, "update", self.store.read(c, res_type, res_id).body)  # type: ignore[arg-type]
+            self._check_write(c, principal, "update", current.body)
         self._check_write(c, principal, "update", resource)
-        stored, created = self.store.update(c, dict(resource), res_id, if_match=if_match)
+        stored, created = self.store.update(c, dict(resource), res_id, if_match=if_match, current=current)
         self._accessed(c, principal, "create" if created else "update", [stored])
         return stored, created
 
@@ -275,14 +286,14 @@ class RecordsService:
 
     def delete_in(self, c: Connection, principal: Principal, res_type: str, res_id: str) -> Stored | None:
         patients: frozenset[str] = frozenset()
-        if self.store.exists(c, res_type, res_id):
-            current = self.store.read(c, res_type, res_id)
-            self._check_write(c, principal, "delete", current.body)  # type: ignore[arg-type]
-            patients = compartment.patient_ids(current.body or {})
+        current = self.store.current(c, res_type, res_id, for_update=True)
+        if current is not None and current.body is not None:
+            self._check_write(c, principal, "delete", current.body)
+            patients = compartment.patient_ids(current.body)
         else:
             self._deny(self._decide(c, principal, "delete", res_type, frozenset()), f"delete {res_type}",
                        action="delete")
-        stored = self.store.delete(c, res_type, res_id)
+        stored = self.store.delete(c, res_type, res_id, current=current)
         if stored is not None and self.auditor is not None:
             self.auditor.access(c, principal, "delete",
                                 [Touched(res_type, res_id, stored.version, patients)])

@@ -3,6 +3,11 @@
 It works inside a caller's transaction (a ``Connection`` from the unit of work) and knows
 nothing of HTTP or of who is asking: authorization happens in ``records.service`` through the
 policy decision point, before and after calling here.
+
+The single-resource paths (read, create, update, delete) run fixed SQL texts through
+``storage.db.run``: one instance interaction is a dozen short statements, and building and
+compiling them with SQLAlchemy cost more than executing them. Queries whose shape depends on
+the request (bulk loads, history) stay SQLAlchemy Core.
 """
 
 from __future__ import annotations
@@ -12,9 +17,10 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from types import EllipsisType
 
 import orjson
-from sqlalchemy import Connection, and_, bindparam, delete, func, select, tuple_, update
+from sqlalchemy import Connection, and_, bindparam, func, select, tuple_, update
 
 from teleledger.core.crypto import KeyedHash, open_sealed, seal
 from teleledger.core.errors import Conflict, Gone, NotFound, PreconditionFailed
@@ -22,6 +28,7 @@ from teleledger.fhir import compartment
 from teleledger.records.index import build_rows
 from teleledger.records.keys import KeyRing, key_id_for
 from teleledger.storage import tables as t
+from teleledger.storage.db import run, run_many
 
 Clock = Callable[[], int]  # µs since epoch, UTC
 
@@ -68,6 +75,33 @@ def _aad(res_type: str, res_id: str, version: int) -> bytes:
     return f"{res_type}/{res_id}/_history/{version}".encode()
 
 
+def _insert_sql(table) -> str:  # type: ignore[no-untyped-def]
+    names = [c.name for c in table.columns]
+    return f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({', '.join('?' for _ in names)})"
+
+
+# the columns of each index table, in table order (``records.index.build_rows`` rows follow them)
+INDEX_COLUMNS = {table.name: tuple(c.name for c in table.columns) for table in t.INDEX_TABLES}
+_INSERT_INDEX = {table.name: _insert_sql(table) for table in t.INDEX_TABLES}
+_DROP_INDEX = tuple(f"DELETE FROM {table.name} WHERE res_type = ? AND res_id = ?"
+                    for table in (*t.INDEX_TABLES, t.resource_compartments))
+_INSERT_COMPARTMENT = "INSERT INTO resource_compartments (res_type, res_id, patient_id) VALUES (?, ?, ?)"
+_INSERT_VERSION = ("INSERT INTO resource_versions (res_type, res_id, version, last_updated, method, key_id, body) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?)")
+_INSERT_CURRENT = "INSERT INTO resources (res_type, res_id, version, last_updated, deleted) VALUES (?, ?, ?, ?, ?)"
+_UPDATE_CURRENT = "UPDATE resources SET version = ?, last_updated = ?, deleted = ? WHERE res_type = ? AND res_id = ?"
+_SELECT_CURRENT = "SELECT version, last_updated, deleted FROM resources WHERE res_type = ? AND res_id = ?"
+# the current version with its row of resource_versions (every resources row has one: a delete
+# writes a marker version), in one statement
+_SELECT_CURRENT_VERSION = (
+    "SELECT r.version, r.last_updated, v.method, v.key_id, v.body FROM resources r "
+    "JOIN resource_versions v ON v.res_type = r.res_type AND v.res_id = r.res_id AND v.version = r.version "
+    "WHERE r.res_type = ? AND r.res_id = ?"
+)
+_SELECT_VERSION = ("SELECT last_updated, method, key_id, body FROM resource_versions "
+                   "WHERE res_type = ? AND res_id = ? AND version = ?")
+
+
 class ResourceStore:
     def __init__(self, keyring: KeyRing, index_hash: KeyedHash, *, clock: Clock = system_clock,
                  on_change: Callable[[Connection, list[Stored]], None] | None = None) -> None:
@@ -89,17 +123,22 @@ class ResourceStore:
 
     def create(self, conn: Connection, resource: dict, *, res_id: str | None = None) -> Stored:
         res_type = resource["resourceType"]
-        res_id = res_id or self.new_id()
-        if conn.execute(
-            select(t.resources.c.version).where(t.resources.c.res_type == res_type, t.resources.c.res_id == res_id)
-        ).first():
+        # a fresh random UUID cannot exist yet (the primary key would refuse it anyway): only an
+        # id chosen by the caller is looked up
+        if res_id is not None and run(conn, _SELECT_CURRENT, (res_type, res_id)).fetchone() is not None:
             raise Conflict(f"{res_type}/{res_id} already exists")
+        res_id = res_id or self.new_id()
         return self._write(conn, resource, res_type, res_id, version=1, method="create", previous=None)
 
-    def update(self, conn: Connection, resource: dict, res_id: str, *, if_match: int | None = None) -> tuple[Stored, bool]:
-        """Update (or create with a client id when absent). Returns (stored, created)."""
+    def update(self, conn: Connection, resource: dict, res_id: str, *, if_match: int | None = None,
+               current: Stored | None | EllipsisType = ...) -> tuple[Stored, bool]:
+        """Update (or create with a client id when absent). Returns (stored, created).
+
+        ``current``: what ``current(conn, ..., for_update=True)`` returned for this resource in
+        this transaction, when the caller already read it (saves reading it again).
+        """
         res_type = resource["resourceType"]
-        cur = self._current(conn, res_type, res_id, for_update=True)
+        cur = self.current(conn, res_type, res_id, for_update=True) if current is ... else current
         if if_match is not None:
             if cur is None or cur.version != if_match:
                 found = "absent" if cur is None else f"version {cur.version}"
@@ -108,17 +147,17 @@ class ResourceStore:
             return self._write(conn, resource, res_type, res_id, version=1, method="create", previous=None), True
         return self._write(conn, resource, res_type, res_id, version=cur.version + 1, method="update", previous=cur), False
 
-    def delete(self, conn: Connection, res_type: str, res_id: str) -> Stored | None:
-        """Mark deleted (a new version without body). None when there was nothing to delete."""
-        cur = self._current(conn, res_type, res_id, for_update=True)
+    def delete(self, conn: Connection, res_type: str, res_id: str, *,
+               current: Stored | None | EllipsisType = ...) -> Stored | None:
+        """Mark deleted (a new version without body). None when there was nothing to delete.
+
+        ``current``: as for ``update``.
+        """
+        cur = self.current(conn, res_type, res_id, for_update=True) if current is ... else current
         if cur is None or cur.deleted:
             return None
         version, now = cur.version + 1, self._tick(cur.last_updated)
-        conn.execute(
-            t.resource_versions.insert().values(
-                res_type=res_type, res_id=res_id, version=version, last_updated=now, method="delete", key_id="", body=None
-            )
-        )
+        run(conn, _INSERT_VERSION, (res_type, res_id, version, now, "delete", "", None))
         self._set_current(conn, res_type, res_id, version, now, deleted=True, existed=True)
         self._drop_index(conn, res_type, res_id)
         stored = Stored(res_type, res_id, version, now, "delete", None)
@@ -141,11 +180,7 @@ class ResourceStore:
         key_id = key_id_for(patients)
         aead = self.keys.for_write(conn, key_id)
         body = seal(aead, orjson.dumps(resource), _aad(res_type, res_id, version))
-        conn.execute(
-            t.resource_versions.insert().values(
-                res_type=res_type, res_id=res_id, version=version, last_updated=now, method=method, key_id=key_id, body=body
-            )
-        )
+        run(conn, _INSERT_VERSION, (res_type, res_id, version, now, method, key_id, body))
         self._set_current(conn, res_type, res_id, version, now, deleted=False, existed=previous is not None)
         if previous is not None:
             self._drop_index(conn, res_type, res_id)
@@ -173,8 +208,8 @@ class ResourceStore:
         current = self.load_current(conn, live)
         out: list[tuple[Stored, str]] = []
         versions, inserts, updates, drops = [], [], [], []
-        index_rows: dict[str, list[dict]] = {}
-        comp_rows: list[dict] = []
+        index_rows: dict[str, list[tuple]] = {}
+        comp_rows: list[tuple[str, str, str]] = []
         seen: set[tuple[str, str]] = set()
         for res in resources:
             key = (res["resourceType"], res["id"])
@@ -208,7 +243,7 @@ class ResourceStore:
                                 "deleted": False})
             for table, rows in build_rows(res, res_type, res_id, self.h).items():
                 index_rows.setdefault(table, []).extend(rows)
-            comp_rows += [{"res_type": res_type, "res_id": res_id, "patient_id": p} for p in patients]
+            comp_rows += [(res_type, res_id, p) for p in patients]
             out.append((Stored(res_type, res_id, version, now, method, res), "updated" if prev else "created"))
         for res_type, res_id in drops:
             self._drop_index(conn, res_type, res_id)
@@ -223,42 +258,34 @@ class ResourceStore:
                 .values(version=bindparam("b_version"), last_updated=bindparam("b_now"), deleted=False),
                 updates,
             )
-        for table in t.INDEX_TABLES:
-            rows = index_rows.get(table.name)
+        for name, sql in _INSERT_INDEX.items():
+            rows = index_rows.get(name)
             if rows:
-                conn.execute(table.insert(), rows)
-        if comp_rows:
-            conn.execute(t.resource_compartments.insert(), comp_rows)
+                run_many(conn, sql, rows)
+        run_many(conn, _INSERT_COMPARTMENT, comp_rows)
         self._changed(conn, [st for st, status in out if status != "unchanged"])
         return out
 
     def _set_current(self, conn, res_type, res_id, version, now, *, deleted, existed) -> None:  # type: ignore[no-untyped-def]
         if existed:
-            conn.execute(
-                update(t.resources)
-                .where(t.resources.c.res_type == res_type, t.resources.c.res_id == res_id)
-                .values(version=version, last_updated=now, deleted=deleted)
-            )
+            run(conn, _UPDATE_CURRENT, (version, now, deleted, res_type, res_id))
         else:
-            conn.execute(
-                t.resources.insert().values(
-                    res_type=res_type, res_id=res_id, version=version, last_updated=now, deleted=deleted
-                )
-            )
+            run(conn, _INSERT_CURRENT, (res_type, res_id, version, now, deleted))
 
     def _index(self, conn: Connection, resource: dict, res_type: str, res_id: str, patients: Iterable[str]) -> None:
         rows = build_rows(resource, res_type, res_id, self.h)
-        for table in t.INDEX_TABLES:
-            batch = rows.get(table.name)
+        for name, sql in _INSERT_INDEX.items():
+            batch = rows.get(name)
             if batch:
-                conn.execute(table.insert(), batch)
-        comp = [{"res_type": res_type, "res_id": res_id, "patient_id": p} for p in patients]
-        if comp:
-            conn.execute(t.resource_compartments.insert(), comp)
+                run_many(conn, sql, batch)
+        run_many(conn, _INSERT_COMPARTMENT, [(res_type, res_id, p) for p in patients])
 
     def _drop_index(self, conn: Connection, res_type: str, res_id: str) -> None:
-        for table in (*t.INDEX_TABLES, t.resource_compartments):
-            conn.execute(delete(table).where(table.c.res_type == res_type, table.c.res_id == res_id))
+        # every table, not only those the old version has rows in: rows written by an older
+        # definition of the search parameters must not outlive the version they indexed (an
+        # empty table costs one index probe)
+        for sql in _DROP_INDEX:
+            run(conn, sql, (res_type, res_id))
 
     # ---- reads ------------------------------------------------------------------------------
 
@@ -269,26 +296,40 @@ class ResourceStore:
         deleted: bool
 
     def _current(self, conn: Connection, res_type: str, res_id: str, *, for_update: bool = False) -> _Cur | None:
-        q = select(t.resources.c.version, t.resources.c.last_updated, t.resources.c.deleted).where(
-            t.resources.c.res_type == res_type, t.resources.c.res_id == res_id
-        )
+        sql = _SELECT_CURRENT + (" FOR UPDATE" if for_update and conn.dialect.name == "postgresql" else "")
+        row = run(conn, sql, (res_type, res_id)).fetchone()
+        return None if row is None else self._Cur(row[0], row[1], bool(row[2]))
+
+    def current(self, conn: Connection, res_type: str, res_id: str, *, for_update: bool = False) -> Stored | None:
+        """The current version (a delete marker, ``body`` None, when the resource was deleted);
+        None when the resource never existed. ``for_update`` locks the resource's row until the
+        transaction ends (PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` already holds the write lock)."""
+        sql = _SELECT_CURRENT_VERSION
         if for_update and conn.dialect.name == "postgresql":
-            q = q.with_for_update()
-        row = conn.execute(q).first()
-        return None if row is None else self._Cur(row.version, row.last_updated, bool(row.deleted))
+            sql += " FOR UPDATE OF r"
+        row = run(conn, sql, (res_type, res_id)).fetchone()
+        if row is None:
+            return None
+        version, last_updated, method, key_id, sealed = row
+        if sealed is None:
+            return Stored(res_type, res_id, version, last_updated, method, None)
+        return Stored(res_type, res_id, version, last_updated, method,
+                      self._open(conn, res_type, res_id, version, key_id, sealed))
 
     def exists(self, conn: Connection, res_type: str, res_id: str) -> bool:
         cur = self._current(conn, res_type, res_id)
         return cur is not None and not cur.deleted
 
+    def _open(self, conn: Connection, res_type: str, res_id: str, version: int, key_id: str, sealed: bytes) -> dict:
+        aead = self.keys.for_read(conn, key_id)
+        plain = open_sealed(aead, bytes(sealed), _aad(res_type, res_id, version), what=f"{res_type}/{res_id}")
+        return orjson.loads(plain)
+
     def _decode(self, conn: Connection, row) -> Stored:  # type: ignore[no-untyped-def]
         if row.body is None:
             return Stored(row.res_type, row.res_id, row.version, row.last_updated, row.method, None)
-        aead = self.keys.for_read(conn, row.key_id)
-        plain = open_sealed(
-            aead, row.body, _aad(row.res_type, row.res_id, row.version), what=f"{row.res_type}/{row.res_id}"
-        )
-        return Stored(row.res_type, row.res_id, row.version, row.last_updated, row.method, orjson.loads(plain))
+        body = self._open(conn, row.res_type, row.res_id, row.version, row.key_id, row.body)
+        return Stored(row.res_type, row.res_id, row.version, row.last_updated, row.method, body)
 
     _COLS = (
         t.resource_versions.c.res_type,
@@ -301,24 +342,22 @@ class ResourceStore:
     )
 
     def read(self, conn: Connection, res_type: str, res_id: str) -> Stored:
-        cur = self._current(conn, res_type, res_id)
+        cur = self.current(conn, res_type, res_id)
         if cur is None:
             raise NotFound(f"{res_type}/{res_id} is not known")
         if cur.deleted:
             raise Gone(f"{res_type}/{res_id} was deleted")
-        return self.vread(conn, res_type, res_id, cur.version)
+        return cur
 
     def vread(self, conn: Connection, res_type: str, res_id: str, version: int) -> Stored:
-        vt = t.resource_versions
-        row = conn.execute(
-            select(*self._COLS).where(vt.c.res_type == res_type, vt.c.res_id == res_id, vt.c.version == version)
-        ).first()
+        row = run(conn, _SELECT_VERSION, (res_type, res_id, version)).fetchone()
         if row is None:
             raise NotFound(f"{res_type}/{res_id} has no version {version}")
-        stored = self._decode(conn, row)
-        if stored.deleted:
+        last_updated, method, key_id, sealed = row
+        if sealed is None:
             raise Gone(f"version {version} of {res_type}/{res_id} is a deletion")
-        return stored
+        return Stored(res_type, res_id, version, last_updated, method,
+                      self._open(conn, res_type, res_id, version, key_id, sealed))
 
     def load_current(self, conn: Connection, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Stored]:
         """Current, non-deleted versions of many resources in one query."""

@@ -3,15 +3,27 @@
 SQLite runs in WAL mode with ``BEGIN IMMEDIATE`` for every unit of work, so two writers never
 deadlock on a lock upgrade and a reader never blocks a writer; PostgreSQL runs at READ COMMITTED
 with row locks where a use case needs them. Nothing here is created at import time.
+
+``run`` / ``run_many`` execute a fixed SQL text on the unit of work's own driver connection,
+below SQLAlchemy: the hot paths of the record store issue a dozen short statements per request,
+and SQLAlchemy's per-statement work (cache key, parameter processing, result set-up) cost
+several times what SQLite needs to run them. Driver errors are translated to SQLAlchemy's
+exception classes, so ``UnitOfWork`` reports them exactly as it reports any other.
 """
 
 from __future__ import annotations
 
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from functools import lru_cache
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, inspect, select, text
-from sqlalchemy.exc import DataError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError, SQLAlchemyError
 
 from teleledger.core.errors import ConfigurationError, InvalidInput, TeleledgerError
 from teleledger.storage import tables
@@ -23,6 +35,30 @@ SCHEMA_HEAD = "0002"
 class StorageUnavailable(TeleledgerError):
     status = 503
     issue_code = "transient"
+
+
+class WriteLockBusy(Exception):  # noqa: N818 - not an error: a signal to the caller of fail_fast
+    """SQLite's write lock was held elsewhere when a unit of work under ``fail_fast`` began.
+
+    Deliberately not a ``TeleledgerError``: no use case may catch it; it unwinds to whoever
+    entered ``fail_fast``, before anything was read or written.
+    """
+
+
+# set by ``fail_fast``: [True] until the first unit of work of the block has begun
+_FAIL_FAST: ContextVar[list[bool] | None] = ContextVar("teleledger_fail_fast", default=None)
+
+
+@contextmanager
+def fail_fast() -> Iterator[None]:
+    """Inside the block, the *first* unit of work to begin on SQLite raises ``WriteLockBusy``
+    instead of waiting when another connection holds the write lock; later ones wait as usual
+    (the first may have committed: repeating the block would repeat it)."""
+    token = _FAIL_FAST.set([True])
+    try:
+        yield
+    finally:
+        _FAIL_FAST.reset(token)
 
 
 def make_engine(url: str, *, sqlite_synchronous: str = "NORMAL") -> Engine:
@@ -49,7 +85,21 @@ def make_engine(url: str, *, sqlite_synchronous: str = "NORMAL") -> Engine:
 
         @event.listens_for(engine, "begin")
         def _begin(conn):  # type: ignore[no-untyped-def]
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            first = _FAIL_FAST.get()
+            if first is None or not first[0]:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+                return
+            first[0] = False
+            driver = conn.connection.driver_connection
+            driver.execute("PRAGMA busy_timeout=0")
+            try:
+                driver.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                raise WriteLockBusy from None
+            finally:
+                driver.execute("PRAGMA busy_timeout=30000")
 
         return engine
     if url.startswith("postgresql"):
@@ -76,6 +126,11 @@ class UnitOfWork:
             if self.conn is not None:
                 self.conn.close()
             raise StorageUnavailable("the database is not reachable; try again shortly") from exc
+        except BaseException:
+            if self.conn is not None:
+                self.conn.close()
+                self.conn = None
+            raise
         return self
 
     @property
@@ -107,6 +162,53 @@ class UnitOfWork:
             raise InvalidInput("a value in the request cannot be stored (out of range or invalid characters)") from exc
         if isinstance(exc, OperationalError) and "locked" not in str(exc.orig).lower():
             raise StorageUnavailable("the database is not reachable; try again shortly") from exc
+
+
+@lru_cache(maxsize=512)
+def _pyformat(sql: str) -> str:
+    # psycopg's placeholder is %s; none of our statements contains a literal %
+    assert "%" not in sql, sql
+    return sql.replace("?", "%s")
+
+
+def _translate(conn: Connection, sql: str, params: Any, exc: Exception) -> DBAPIError:
+    dialect = conn.dialect
+    dbapi_conn = conn.connection.dbapi_connection
+    if dialect.is_disconnect(exc, dbapi_conn, None):  # type: ignore[arg-type]
+        conn.invalidate(exc)
+    return DBAPIError.instance(sql, params, exc, dialect.loaded_dbapi.Error)  # type: ignore[return-value]
+
+
+def run(conn: Connection, sql: str, params: Sequence[Any] = ()) -> Any:
+    """Execute one statement (``?`` placeholders) on ``conn``'s driver connection; returns the
+    driver cursor (``fetchone`` / ``fetchall`` / ``rowcount``)."""
+    if conn.dialect.name == "postgresql":
+        sql = _pyformat(sql)
+    driver = conn.connection.driver_connection
+    try:
+        return driver.execute(sql, params)  # type: ignore[union-attr]
+    except conn.dialect.loaded_dbapi.Error as exc:
+        raise _translate(conn, sql, params, exc) from exc
+
+
+def run_many(conn: Connection, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+    """``run`` for many parameter rows (one prepared statement, ``executemany``)."""
+    if not rows:
+        return
+    if conn.dialect.name == "postgresql":
+        sql = _pyformat(sql)
+    driver = conn.connection.driver_connection
+    try:
+        if len(rows) == 1:
+            driver.execute(sql, rows[0])  # type: ignore[union-attr]
+        else:
+            cur = driver.cursor()  # type: ignore[union-attr]
+            try:
+                cur.executemany(sql, rows)
+            finally:
+                cur.close()
+    except conn.dialect.loaded_dbapi.Error as exc:
+        raise _translate(conn, sql, rows, exc) from exc
 
 
 def migrate(engine: Engine) -> None:

@@ -111,21 +111,21 @@ class TransparencyLog:
         clock: Callable[[], int] = _now_us,
         max_batch: int = 50_000,
     ) -> None:
-        self._engine = engine
-        self._reads = read_only_engine(engine)
-        self._writes = sequencer_engine(engine)
-        self._signer = signer
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self._origin = origin if origin is not None else signer.name
         Checkpoint(self._origin, 0, merkle.EMPTY_ROOT)  # refuse a bad origin at start-up
+        self._signer = signer
         self._witnesses: dict[tuple[str, int], CosignatureVerifier] = {}
         for witness in witnesses:
             self._witnesses[(witness.name, witness.key_id)] = witness
         self._clock = clock
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.max_batch = max_batch
         self._store = SqlLogStore(clock=clock)
         self._known_size = 0
+        self._engine = engine
+        self._reads = read_only_engine(engine)
+        self._writes = sequencer_engine(engine)
 
     # ------------------------------------------------------------------ identity
 
@@ -159,6 +159,13 @@ class TransparencyLog:
         for e in entries:
             entry_format.decode(e)
         self._store.append_many(conn, [bytes(e) for e in entries])
+
+    def append_own(self, conn: Connection, entries: Sequence[bytes]) -> None:
+        """``append_many`` for entries this node has just built with ``entry.encode_change`` /
+        ``entry.encode_access``: those check every field as they encode, so decoding the bytes
+        again proves nothing. Bytes from anywhere else go through ``append`` / ``append_many``.
+        """
+        self._store.append_many(conn, entries)
 
     def integrate(self, *, max_batch: int | None = None) -> int:
         """Sequence up to ``max_batch`` queued entries; return how many were added."""

@@ -103,7 +103,7 @@ from teleledger.core.errors import TeleledgerError
 from teleledger.ledger.log import merkle
 from teleledger.ledger.log.merkle import EMPTY_ROOT, CompactRange, NodeKey
 from teleledger.ledger.log.note import Checkpoint, Signer, append_signature_lines, sign_note
-from teleledger.storage.db import UnitOfWork
+from teleledger.storage.db import UnitOfWork, run_many
 from teleledger.storage.tables import metadata
 
 __all__ = [
@@ -193,6 +193,9 @@ _APPEND = insert(log_queue).values(leaf=bindparam("leaf"), queued=bindparam("que
 _STATE = select(log_state.c.size, log_state.c.root_hash).where(log_state.c.id == 1)
 _HAS_QUEUED = select(exists().select_from(log_queue))
 _LAST_CHECKPOINT_SIZE = select(func.max(log_checkpoints.c.size))
+_APPEND_SQL = "INSERT INTO log_queue (leaf, queued) VALUES (?, ?)"
+#: batches up to this size are queued with plain inserts, larger ones with ``_bulk_insert``
+_SMALL_BATCH = 16
 _LEAF_INDEX = select(func.min(log_leaves.c.idx)).where(
     log_leaves.c.leaf_hash == bindparam("leaf_hash"), log_leaves.c.idx < bindparam("tree_size"))
 
@@ -377,7 +380,7 @@ def _bulk_insert(conn: Connection, table: str, columns: tuple[str, ...], rows: l
                     copy.write_row(row)
     else:
         marks = ", ".join("?" for _ in columns)
-        conn.exec_driver_sql(f"INSERT INTO {table} ({names}) VALUES ({marks})", rows)
+        run_many(conn, f"INSERT INTO {table} ({names}) VALUES ({marks})", rows)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -423,7 +426,12 @@ class SqlLogStore:
 
     def append_many(self, conn: Connection, entries: Sequence[bytes]) -> None:
         now = self._clock()
-        _bulk_insert(conn, "log_queue", ("leaf", "queued"), [(e, now) for e in entries])
+        rows = [(bytes(e), now) for e in entries]
+        if len(rows) <= _SMALL_BATCH:
+            # a request's one or two entries: a plain insert beats setting up a COPY
+            run_many(conn, _APPEND_SQL, rows)
+        else:
+            _bulk_insert(conn, "log_queue", ("leaf", "queued"), rows)
 
     # ---- reads
 

@@ -11,7 +11,6 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from starlette.concurrency import run_in_threadpool
 
 from teleledger import __version__
 from teleledger.core.errors import InvalidInput, MethodNotAllowed, NotFound, PayloadTooLarge
@@ -19,7 +18,7 @@ from teleledger.fhir import searchparams as sp
 from teleledger.fhir.validation import ID_PATTERN
 from teleledger.records.bundles import parse_etag
 from teleledger.records.store import Stored, instant
-from teleledger.web.deps import Ctx, NodeDep
+from teleledger.web.deps import Ctx, NodeDep, in_place, in_thread
 from teleledger.web.errors import FHIR_JSON
 
 router = APIRouter(prefix="/fhir")
@@ -37,6 +36,11 @@ def _resource_response(node, stored: Stored, status: int = 200) -> Response:  # 
 
 
 async def read_json(request: Request, limit: int) -> Any:
+    return (await read_json_text(request, limit))[0]
+
+
+async def read_json_text(request: Request, limit: int) -> tuple[Any, bytes]:
+    """The parsed body and the bytes it was parsed from (validating those is faster)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {limit}")
@@ -50,8 +54,9 @@ async def read_json(request: Request, limit: int) -> Any:
     ctype = request.headers.get("content-type", "application/fhir+json").split(";")[0].strip().lower()
     if ctype not in ("application/fhir+json", "application/json", "application/json+fhir", ""):
         raise InvalidInput(f"content type {ctype} is not supported; send application/fhir+json")
+    raw = bytes(body)
     try:
-        return orjson.loads(bytes(body))
+        return orjson.loads(raw), raw
     except orjson.JSONDecodeError as exc:
         raise InvalidInput(f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
 
@@ -156,13 +161,13 @@ def capability_statement(base: str) -> dict:
 async def transaction(request: Request, node: NodeDep, who: Ctx) -> Response:
     """batch / transaction (https://hl7.org/fhir/R4/http.html#transaction)."""
     bundle = await read_json(request, node.settings.max_body_bytes)
-    return fhir_response(await run_in_threadpool(node.bundles.process, who, bundle))
+    return fhir_response(await in_thread(request, node.bundles.process, who, bundle))
 
 
 @router.get("/Patient/{res_id}/$everything")
 async def everything(res_id: str, request: Request, node: NodeDep, who: Ctx) -> Response:
     _check_id(res_id)
-    return fhir_response(await run_in_threadpool(node.records.everything, who, res_id, _query(request)))
+    return fhir_response(await in_thread(request, node.records.everything, who, res_id, _query(request)))
 
 
 @router.get("/{res_type}")
@@ -170,9 +175,9 @@ async def search(res_type: str, request: Request, node: NodeDep, who: Ctx) -> Re
     """search-type (https://hl7.org/fhir/R4/http.html#search)."""
     _check_type(res_type)
     if res_type == SERVER_MANAGED:
-        return fhir_response(await run_in_threadpool(node.audit_events.search, who, _query(request),
+        return fhir_response(await in_thread(request, node.audit_events.search, who, _query(request),
                                                      strict=_strict(request)))
-    return fhir_response(await run_in_threadpool(node.records.search, who, res_type, _query(request),
+    return fhir_response(await in_thread(request, node.records.search, who, res_type, _query(request),
                                                  strict=_strict(request)))
 
 
@@ -182,36 +187,38 @@ async def search_post(res_type: str, request: Request, node: NodeDep, who: Ctx) 
     form = await request.form()
     items = _query(request) + [(k, str(v)) for k, v in form.multi_items()]
     if res_type == SERVER_MANAGED:
-        return fhir_response(await run_in_threadpool(node.audit_events.search, who, items, strict=_strict(request)))
-    return fhir_response(await run_in_threadpool(node.records.search, who, res_type, items, strict=_strict(request)))
+        return fhir_response(await in_thread(request, node.audit_events.search, who, items, strict=_strict(request)))
+    return fhir_response(await in_thread(request, node.records.search, who, res_type, items, strict=_strict(request)))
 
 
 @router.get("/{res_type}/_history")
 async def history_type(res_type: str, request: Request, node: NodeDep, who: Ctx) -> Response:
     _check_type(res_type, write=True)
-    return fhir_response(await run_in_threadpool(node.records.history, who, res_type, None, _query(request)))
+    return fhir_response(await in_thread(request, node.records.history, who, res_type, None, _query(request)))
 
 
 @router.post("/{res_type}")
 async def create(res_type: str, request: Request, node: NodeDep, who: Ctx) -> Response:
     """create (https://hl7.org/fhir/R4/http.html#create), conditional with If-None-Exist."""
     _check_type(res_type, write=True)
-    resource = await read_json(request, node.settings.max_body_bytes)
+    resource, raw = await read_json_text(request, node.settings.max_body_bytes)
     if isinstance(resource, dict) and resource.get("resourceType") != res_type:
         raise InvalidInput(f"resourceType {resource.get('resourceType')!r} in the body does not match {res_type!r} in the URL")
-    stored, created = await run_in_threadpool(node.records.create, who, resource,
-                                              if_none_exist=request.headers.get("if-none-exist"))
+    if_none_exist = request.headers.get("if-none-exist")
+    # a conditional create searches first: that may take long, so it takes a thread
+    run = in_thread if if_none_exist else in_place
+    stored, created = await run(request, node.records.create, who, resource, if_none_exist=if_none_exist, raw=raw)
     return _resource_response(node, stored, 201 if created else 200)
 
 
 @router.get("/{res_type}/{res_id}")
-async def read(res_type: str, res_id: str, node: NodeDep, who: Ctx) -> Response:
+async def read(res_type: str, res_id: str, request: Request, node: NodeDep, who: Ctx) -> Response:
     """read (https://hl7.org/fhir/R4/http.html#read)."""
     _check_type(res_type)
     if res_type == SERVER_MANAGED:
-        return fhir_response(await run_in_threadpool(node.audit_events.read, who, res_id))
+        return fhir_response(await in_place(request, node.audit_events.read, who, res_id))
     _check_id(res_id)
-    return _resource_response(node, await run_in_threadpool(node.records.read, who, res_type, res_id))
+    return _resource_response(node, await in_place(request, node.records.read, who, res_type, res_id))
 
 
 @router.put("/{res_type}/{res_id}")
@@ -219,18 +226,19 @@ async def update(res_type: str, res_id: str, request: Request, node: NodeDep, wh
     """update (https://hl7.org/fhir/R4/http.html#update) with If-Match (412 on a stale version)."""
     _check_type(res_type, write=True)
     _check_id(res_id, write=True)
-    resource = await read_json(request, node.settings.max_body_bytes)
+    resource, raw = await read_json_text(request, node.settings.max_body_bytes)
     if_match = parse_etag(request.headers.get("if-match"))
-    stored, created = await run_in_threadpool(node.records.update, who, res_type, res_id, resource, if_match=if_match)
+    stored, created = await in_place(request, node.records.update, who, res_type, res_id, resource, if_match=if_match,
+                                     raw=raw)
     return _resource_response(node, stored, 201 if created else 200)
 
 
 @router.delete("/{res_type}/{res_id}")
-async def delete(res_type: str, res_id: str, node: NodeDep, who: Ctx) -> Response:
+async def delete(res_type: str, res_id: str, request: Request, node: NodeDep, who: Ctx) -> Response:
     """delete (https://hl7.org/fhir/R4/http.html#delete)."""
     _check_type(res_type, write=True)
     _check_id(res_id)
-    stored = await run_in_threadpool(node.records.delete, who, res_type, res_id)
+    stored = await in_place(request, node.records.delete, who, res_type, res_id)
     headers = {"ETag": stored.etag} if stored else None
     return Response(status_code=204, headers=headers)
 
@@ -239,12 +247,12 @@ async def delete(res_type: str, res_id: str, node: NodeDep, who: Ctx) -> Respons
 async def history_instance(res_type: str, res_id: str, request: Request, node: NodeDep, who: Ctx) -> Response:
     _check_type(res_type, write=True)
     _check_id(res_id)
-    return fhir_response(await run_in_threadpool(node.records.history, who, res_type, res_id, _query(request)))
+    return fhir_response(await in_thread(request, node.records.history, who, res_type, res_id, _query(request)))
 
 
 @router.get("/{res_type}/{res_id}/_history/{vid}")
-async def vread(res_type: str, res_id: str, vid: str, node: NodeDep, who: Ctx) -> Response:
+async def vread(res_type: str, res_id: str, vid: str, request: Request, node: NodeDep, who: Ctx) -> Response:
     """vread (https://hl7.org/fhir/R4/http.html#vread)."""
     _check_type(res_type, write=True)
     _check_id(res_id)
-    return _resource_response(node, await run_in_threadpool(node.records.vread, who, res_type, res_id, _version(vid)))
+    return _resource_response(node, await in_place(request, node.records.vread, who, res_type, res_id, _version(vid)))
