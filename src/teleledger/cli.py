@@ -69,6 +69,7 @@ def _import(node, path: Path, label: str) -> None:  # type: ignore[no-untyped-de
     files = ordered_files(path)
     total = sum(count_lines(f) for f in files)
     importer = Importer(node.records, system_principal())
+    importer.warm_up()
     started = time.perf_counter()
     with _progress() as progress:
         task = progress.add_task(label, total=total)

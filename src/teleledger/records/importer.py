@@ -34,6 +34,7 @@ from teleledger.storage.db import UnitOfWork
 FIRST = ("Organization", "Location", "Practitioner", "PractitionerRole", "Medication", "Patient", "RelatedPerson")
 _ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 CHUNK = 1000
+OFFLOAD_BYTES = 512 * 1024
 # a cheap test on the raw line: only lines with a conditional reference need the rewrite walk
 _CONDITIONAL_REF = re.compile(rb'"reference"\s*:\s*"[^"]*\?')
 
@@ -130,8 +131,13 @@ class Importer:
         self._resolved: dict[str, str] = {}
         self.__validator: _Validator | None = None
 
+    def warm_up(self) -> None:
+        """Start the validator process now, so its start-up overlaps the first (small) files."""
+        self._validator.submit([])
+
     def run(self, root: Path, *, progress: Callable[[int], None] | None = None) -> ImportReport:
         report = ImportReport()
+        self.warm_up()
         try:
             for path in ordered_files(root):
                 report.files.append(self.import_file(path, progress=progress))
@@ -145,6 +151,8 @@ class Importer:
         result = FileResult(str(path))
         # resolutions made inside a transaction that rolls back must not be remembered
         resolved_before = dict(self._resolved)
+        # small files validate inline: shipping them to the validator process costs more than it saves
+        offload = path.stat().st_size > OFFLOAD_BYTES
         try:
             with UnitOfWork(self.records.engine) as uow:
                 batch: list[tuple[int, dict]] = []
@@ -152,18 +160,24 @@ class Importer:
                 written: list = []
                 checks = []
                 for lineno, raw, resource in self._ndjson(path):
-                    batch.append((lineno, self._prepare(uow.c, lineno, path, raw, resource, validated=False)))
-                    raws.append((lineno, raw))
+                    batch.append((lineno, self._prepare(uow.c, lineno, path, raw, resource, validated=not offload)))
+                    if offload:
+                        raws.append((lineno, raw))
                     if len(batch) >= CHUNK:
-                        checks.append(self._validator.submit(raws))
+                        if raws:
+                            checks.append((self._validator.submit(raws), raws))
                         written += self._flush(uow.c, path, batch, result, progress)
                         batch, raws = [], []
                 if raws:
-                    checks.append(self._validator.submit(raws))
+                    checks.append((self._validator.submit(raws), raws))
                 written += self._flush(uow.c, path, batch, result, progress)
                 # nothing commits before every line of the file has passed validation
-                for check in checks:
-                    failure = check.result()
+                for check, lines in checks:
+                    try:
+                        failure = check.result()
+                    except BrokenProcessPool:
+                        # the validator process died (killed, out of memory): validate here instead
+                        failure = validate_lines(lines)
                     if failure is not None:
                         raise ImportError_(f"{path.name} line {failure[0]}: {failure[1]}")
                 if self.records.auditor is not None and written:
