@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from teleledger.cli_chain import register as register_chain
 from teleledger.cli_verify import register as register_verify
 from teleledger.cli_witness import register as register_witness
 from teleledger.config import Settings
@@ -30,6 +31,7 @@ app.add_typer(users_app, name="users")
 app.add_typer(clients_app, name="clients")
 register_witness(app)
 register_verify(app)
+register_chain(app)
 # soft_wrap: an error message stays on one line when stderr is not a terminal
 console = Console(stderr=True, soft_wrap=True)
 
