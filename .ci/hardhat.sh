@@ -36,8 +36,10 @@ JS
 if answers; then
   echo "a node already answers on $URL; reusing it" >&2
 else
-  (cd "$HH_DIR" && nohup ./node_modules/.bin/hardhat node --hostname 127.0.0.1 --port "$PORT" \
-      > "$HH_DIR/node.log" 2>&1 & echo $! > "$HH_DIR/node.pid")
+  # exec: no shell stays behind holding this script's stdout (the caller's $(...) would never end)
+  (cd "$HH_DIR" && exec nohup ./node_modules/.bin/hardhat node --hostname 127.0.0.1 --port "$PORT" \
+      > "$HH_DIR/node.log" 2>&1 < /dev/null) &
+  echo $! > "$HH_DIR/node.pid"
   echo "hardhat node pid $(cat "$HH_DIR/node.pid") (pid file $HH_DIR/node.pid, log $HH_DIR/node.log)" >&2
   deadline=$((SECONDS + WAIT))
   until answers; do
