@@ -12,12 +12,11 @@ import threading
 import time
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from sqlalchemy import Connection, select
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Connection
 
 from teleledger.core.crypto import MasterKey, new_data_key
 from teleledger.core.errors import TeleledgerError
-from teleledger.storage import tables
+from teleledger.storage.db import run
 
 NODE_KEY = "node"
 
@@ -27,6 +26,17 @@ class KeyShredded(TeleledgerError):
 
     status = 410
     issue_code = "deleted"
+
+
+# fixed SQL on the driver (``storage.db.run``): every new patient's first write creates a key,
+# and SQLAlchemy's statement machinery cost several times what these statements need
+_SELECT_KEY = "SELECT wrapped FROM data_keys WHERE key_id = ?"
+_INSERT_KEY = "INSERT INTO data_keys (key_id, wrapped, created) VALUES (?, ?, ?) ON CONFLICT (key_id) DO NOTHING"
+
+
+def _wrapped(conn: Connection, key_id: str) -> bytes | None:
+    row = run(conn, _SELECT_KEY, (key_id,)).fetchone()
+    return None if row is None else bytes(row[0])
 
 
 def key_id_for(patient_ids: frozenset[str] | set[str]) -> str:
@@ -59,19 +69,16 @@ class KeyRing:
         aead = self._cache.get(key_id)
         if aead is not None:
             return aead
-        wrapped = conn.execute(select(tables.data_keys.c.wrapped).where(tables.data_keys.c.key_id == key_id)).scalar()
+        wrapped = _wrapped(conn, key_id)
         if wrapped is None:
             raw = new_data_key()
-            values = {"key_id": key_id, "wrapped": self._master.wrap(raw, key_id=key_id), "created": int(time.time())}
+            mine = self._master.wrap(raw, key_id=key_id)
             # two processes may create the same patient's key at once: the first insert wins and
             # the loser re-reads it, so a patient never ends up with two keys
-            dialect = conn.dialect.name
-            ins = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(tables.data_keys)
-            conn.execute(ins.values(**values).on_conflict_do_nothing(index_elements=["key_id"]))
-            wrapped = conn.execute(
-                select(tables.data_keys.c.wrapped).where(tables.data_keys.c.key_id == key_id)
-            ).scalar_one()
-            if wrapped != values["wrapped"]:
+            run(conn, _INSERT_KEY, (key_id, mine, int(time.time())))
+            wrapped = _wrapped(conn, key_id)
+            assert wrapped is not None, "the data key vanished inside its own transaction"
+            if wrapped != mine:
                 raw = self._master.unwrap(wrapped, key_id=key_id)
             # do not cache a key created in a transaction that may still roll back
             return AESGCM(raw)
@@ -81,7 +88,7 @@ class KeyRing:
         aead = self._cache.get(key_id)
         if aead is not None:
             return aead
-        wrapped = conn.execute(select(tables.data_keys.c.wrapped).where(tables.data_keys.c.key_id == key_id)).scalar()
+        wrapped = _wrapped(conn, key_id)
         if wrapped is None:
             raise KeyShredded("this record was erased (its data key no longer exists)")
         return self._remember(key_id, AESGCM(self._master.unwrap(wrapped, key_id=key_id)))

@@ -15,6 +15,7 @@ from teleledger.bootstrap import Node
 from teleledger.ledger.log.service import Sequencer
 from teleledger.web import errors
 from teleledger.web.api import auth, fhir, ledger
+from teleledger.web.api.instance import InstanceInteractions
 from teleledger.web.ui import pages
 
 log = logging.getLogger("teleledger.web")
@@ -77,6 +78,8 @@ def create_app(node: Node, *, sequencer: bool = True) -> FastAPI:
     app.state.db_threads = node.settings.record_threads
     app.state.db_in_place = in_place
     errors.install(app)
+    # create/read/update/delete skip FastAPI's routing (see web.api.instance)
+    app.add_middleware(InstanceInteractions)
     app.include_router(auth.router)
     app.include_router(fhir.router)
     app.include_router(ledger.router)

@@ -30,13 +30,19 @@ def oo_response(status: int, body: dict, headers: dict | None = None) -> Respons
     return Response(orjson.dumps(body), status_code=status, media_type=FHIR_JSON, headers=headers)
 
 
+def error_response(request: Request, exc: TeleledgerError) -> Response:
+    """A ``TeleledgerError`` as its OperationOutcome: the exception handler below, and the
+    instance interactions' dispatcher (``web.api.instance``), which runs outside FastAPI's routing."""
+    headers = {"WWW-Authenticate": 'Bearer realm="teleledger"'} if isinstance(exc, Unauthenticated) else None
+    if exc.status >= 500:
+        log.error("server error %s on %s %s", type(exc).__name__, request.method, request.url.path)
+    return oo_response(exc.status, from_error(exc), headers)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(TeleledgerError)
     async def _teleledger(request: Request, exc: TeleledgerError) -> Response:
-        headers = {"WWW-Authenticate": 'Bearer realm="teleledger"'} if isinstance(exc, Unauthenticated) else None
-        if exc.status >= 500:
-            log.error("server error %s on %s %s", type(exc).__name__, request.method, request.url.path)
-        return oo_response(exc.status, from_error(exc), headers)
+        return error_response(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:
