@@ -20,26 +20,10 @@ from teleledger.web.ui import pages
 
 log = logging.getLogger("teleledger.web")
 
-SEQUENCER_INTERVAL = 0.05
-SEQUENCER_MAX_BACKOFF = 5.0
-
-
-async def _sequence_on_loop(seq: Sequencer, max_batch: int) -> None:
-    """The sequencer's rounds as a task of the event loop (SQLite): see ``create_app``."""
+async def _sequence_on_loop(seq: Sequencer) -> None:
+    """The sequencer's guarded rounds as a task of the event loop (SQLite): see ``create_app``."""
     while True:
-        try:
-            added = seq.run_once()
-        except Exception as exc:  # noqa: BLE001 - the sequencer must outlive any one error
-            seq.failures += 1
-            delay = min(SEQUENCER_MAX_BACKOFF, SEQUENCER_INTERVAL * 2 ** min(seq.failures, 16))
-            # the class name only: driver messages carry SQL parameters (= leaf bytes)
-            log.warning("log sequencer round failed: %s; retrying in %.2f s", type(exc).__name__, delay)
-        else:
-            if seq.failures:
-                log.info("log sequencer recovered after %d failed rounds", seq.failures)
-            seq.failures = 0
-            delay = 0.0 if added >= max_batch else SEQUENCER_INTERVAL
-        await asyncio.sleep(delay)
+        await asyncio.sleep(seq.round())
 
 
 def create_app(node: Node, *, sequencer: bool = True) -> FastAPI:
@@ -55,11 +39,11 @@ def create_app(node: Node, *, sequencer: bool = True) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        seq = node.log.sequencer(interval=SEQUENCER_INTERVAL) if sequencer else None
+        seq = node.log.sequencer() if sequencer else None
         task = None
         if seq is not None:
             if in_place:
-                task = asyncio.create_task(_sequence_on_loop(seq, node.log.max_batch), name="teleledger-sequencer")
+                task = asyncio.create_task(_sequence_on_loop(seq), name="teleledger-sequencer")
             else:
                 seq.start()
         try:

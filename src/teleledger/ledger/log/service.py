@@ -380,18 +380,22 @@ class Sequencer:
             self._next_checkpoint = now + self._checkpoint_interval
         return added
 
+    def round(self) -> float:
+        """One guarded round: run it, survive any error (logged by class only, backed off);
+        returns how long to wait before the next. Used by the thread and by the app's
+        event-loop task alike."""
+        try:
+            added = self.run_once()
+        except Exception as exc:  # noqa: BLE001 - the sequencer must outlive any one error
+            self.failures += 1
+            delay = min(self._max_backoff, self._interval * 2 ** min(self.failures, 16))
+            log.warning("log sequencer round failed: %s; retrying in %.2f s", _describe(exc), delay)
+            return delay
+        if self.failures:
+            log.info("log sequencer recovered after %d failed rounds", self.failures)
+        self.failures = 0
+        return 0.0 if added >= self._log.max_batch else self._interval
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                added = self.run_once()
-            except Exception as exc:  # noqa: BLE001 - the sequencer must outlive any one error
-                self.failures += 1
-                delay = min(self._max_backoff, self._interval * 2 ** min(self.failures, 16))
-                log.warning("log sequencer round failed: %s; retrying in %.2f s",
-                            _describe(exc), delay)
-            else:
-                if self.failures:
-                    log.info("log sequencer recovered after %d failed rounds", self.failures)
-                self.failures = 0
-                delay = 0.0 if added >= self._log.max_batch else self._interval
-            self._stop.wait(delay)
+            self._stop.wait(self.round())
