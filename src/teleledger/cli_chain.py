@@ -23,6 +23,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from teleledger.core.crypto import secret_file
 from teleledger.core.errors import TeleledgerError
 
 __all__ = ["authority_key", "open_chain", "register"]
@@ -37,25 +38,14 @@ def _home() -> Path:
 
 
 def authority_key(home: Path) -> Any:
-    """The node's secp256k1 authority/operator key: 32 raw bytes in ``<home>/chain/authority.key``.
+    """The node's secp256k1 authority/operator key: 32 bytes, base64, in ``<home>/chain/authority.key``.
 
     Created with mode 0600 on first use. Temporary: it moves into the encrypted keystore
     (``identity/keystore``) — do not build on this file's format.
     """
     from eth_keys import keys
 
-    path = home / "chain" / AUTHORITY_KEY_FILE
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(os.urandom(32))
-            f.flush()
-            os.fsync(f.fileno())
-    raw = path.read_bytes()
-    if len(raw) != 32:
-        raise TeleledgerError(f"{path} must hold exactly 32 bytes (a secp256k1 private key), found {len(raw)}")
-    return keys.PrivateKey(raw)
+    return keys.PrivateKey(secret_file(home / "chain" / AUTHORITY_KEY_FILE, create=True, what="chain authority key"))
 
 
 def open_chain(home: Path, url: str | None = None, *, expected_chain_id: int | None = None) -> Any:

@@ -13,9 +13,6 @@ Kept apart from ``cli.py`` so that the log's own commands never import the HTTP 
 
 from __future__ import annotations
 
-import base64
-import binascii
-import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -26,6 +23,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from teleledger.config import Settings
+from teleledger.core.crypto import secret_file
+from teleledger.core.errors import ConfigurationError
 from teleledger.core.errors import TeleledgerError
 from teleledger.ledger.log.note import CosignatureVerifier, is_valid_key_name
 
@@ -58,26 +57,14 @@ def _defaults(home: Path | None, name: str | None) -> tuple[Path, str]:
 def load_or_create_key(home: Path) -> Ed25519PrivateKey:
     """Read ``home/witness.key``, creating it (0600, never overwritten) on first use."""
     path = home / KEY_FILE
+    created = not path.exists()
     try:
-        home.mkdir(parents=True, exist_ok=True, mode=0o700)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass
-        else:
-            with os.fdopen(fd, "w") as f:
-                f.write(base64.b64encode(os.urandom(32)).decode("ascii") + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            console.print(f"created witness key {path}")
-        if path.stat().st_mode & 0o077:
-            _fail(f"{path} is readable by other users; run: chmod 600 {path}")
-        seed = base64.b64decode(path.read_text("ascii").strip(), validate=True)
-    except (OSError, UnicodeDecodeError, binascii.Error) as exc:
+        seed = secret_file(path, create=True, what="witness key")
+    except (OSError, ConfigurationError) as exc:
         _fail(f"cannot use witness key {path}: {exc}")
         raise  # unreachable
-    if len(seed) != 32:
-        _fail(f"{path} does not hold a base64 32-byte Ed25519 seed")
+    if created:
+        console.print(f"created witness key {path}")
     return Ed25519PrivateKey.from_private_bytes(seed)
 
 

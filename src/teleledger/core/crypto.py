@@ -36,6 +36,38 @@ _VERSION = b"\x01"
 _NONCE = 12
 
 
+def secret_file(path: Path, *, create: bool, what: str, size: int = 32) -> bytes:
+    """A ``size``-byte secret kept base64 in ``path`` (mode 0600): the node's master key file,
+    a witness key, the chain authority key.
+
+    Created only when ``create``, with O_EXCL so that two processes starting at once never write
+    two different secrets; never overwritten; refused when others can read it.
+    """
+    if not path.exists():
+        if not create:
+            raise ConfigurationError(f"{what} file {path} does not exist")
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(base64.b64encode(secrets.token_bytes(size)).decode() + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise ConfigurationError(f"{what} file {path} is readable by others (mode {mode:o}); chmod 600 it")
+    try:
+        raw = base64.b64decode(path.read_text("ascii").strip(), validate=True)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigurationError(f"{what} file {path} does not hold base64") from exc
+    if len(raw) != size:
+        raise ConfigurationError(f"{what} file {path} must hold {size} bytes, found {len(raw)}")
+    return raw
+
+
 class DecryptionError(TeleledgerError):
     """A sealed value did not authenticate: wrong key, wrong place or tampered bytes."""
 
@@ -66,22 +98,7 @@ class LocalMasterKey:
     @classmethod
     def from_file(cls, path: Path, *, create: bool) -> LocalMasterKey:
         """Load the key file; create it (0600, never overwritten) only when ``create``."""
-        if not path.exists():
-            if not create:
-                raise ConfigurationError(f"master key file {path} does not exist")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # O_EXCL: two processes starting at once must not both write a different key
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                pass
-            else:
-                with os.fdopen(fd, "w") as fh:
-                    fh.write(base64.b64encode(secrets.token_bytes(32)).decode() + "\n")
-        mode = path.stat().st_mode & 0o777
-        if mode & 0o077:
-            raise ConfigurationError(f"master key file {path} is readable by others (mode {mode:o}); chmod 600 it")
-        return cls.from_base64(path.read_text())
+        return cls(secret_file(path, create=create, what="master key"))
 
     def wrap(self, data_key: bytes, *, key_id: str) -> bytes:
         nonce = secrets.token_bytes(_NONCE)
