@@ -94,7 +94,7 @@ def build(settings: Settings, *, migrate_schema: bool = True) -> Node:
     settings.check()
     settings.home.mkdir(parents=True, exist_ok=True)
     master = load_master_key(settings)
-    engine = make_engine(settings.sqlalchemy_url)
+    engine = make_engine(settings.sqlalchemy_url, sqlite_synchronous=settings.sqlite_synchronous)
     if migrate_schema:
         schema_state(engine)  # refuses a foreign or newer database before touching it
         migrate(engine)

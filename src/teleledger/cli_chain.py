@@ -8,21 +8,22 @@ Mode: ``TELELEDGER_CHAIN_URL`` set = an external JSON-RPC node; unset = the embe
 ``status`` prints JSON ``{chain_id, block_number, mode, contracts}`` on stdout and exits 1 (with
 what to do, on stderr) when the recorded contracts are not on that chain.
 
-For now the settings come straight from the environment and the authority key from a 0600 file;
-both move into ``teleledger.config.Settings`` / the encrypted keystore later.
+Settings come from ``teleledger.config.Settings``; the authority key is a 0600 file for now and
+moves into the encrypted keystore later.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from pydantic import ValidationError
 from rich.markup import escape
 
+from teleledger.config import Settings
 from teleledger.core.crypto import secret_file
 from teleledger.core.errors import TeleledgerError
 
@@ -32,9 +33,13 @@ console = Console(stderr=True, soft_wrap=True)
 AUTHORITY_KEY_FILE = "authority.key"
 
 
-def _home() -> Path:
-    # TODO(lead): read from teleledger.config.Settings.home once it carries the chain settings
-    return Path(os.environ.get("TELELEDGER_HOME", "./var"))
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        _fail(f"bad setting TELELEDGER_{'_'.join(str(p) for p in first['loc']).upper()}: {first['msg']}")
+        raise  # unreachable
 
 
 def authority_key(home: Path) -> Any:
@@ -81,10 +86,11 @@ def register(app: typer.Typer) -> None:
         """Deploy the contracts (signed by the node's authority key) and record their addresses."""
         from teleledger.ledger.chain.deploy import addresses_path, deploy_all, save_addresses
 
-        home = _home()
+        settings = _settings()
+        home = settings.home
         client = None
         try:
-            client = open_chain(home, os.environ.get("TELELEDGER_CHAIN_URL") or None)
+            client = open_chain(home, settings.chain_url or None)
             key = authority_key(home)
             admins = admin or [key.public_key.to_checksum_address()]
             addresses = deploy_all(client, key, admins, quorum)
@@ -103,11 +109,12 @@ def register(app: typer.Typer) -> None:
         """Print the chain's id, head block, mode and recorded contracts as JSON."""
         from teleledger.ledger.chain.deploy import addresses_path, check_deployment, load_addresses
 
-        home = _home()
+        settings = _settings()
+        home = settings.home
         recorded_chain_id, contracts = load_addresses(addresses_path(home))
         client = None
         try:
-            client = open_chain(home, os.environ.get("TELELEDGER_CHAIN_URL") or None)
+            client = open_chain(home, settings.chain_url or None)
             print(json.dumps(_status(client, contracts), indent=2, sort_keys=True))
             if contracts:
                 check_deployment(client, contracts, chain_id=recorded_chain_id)

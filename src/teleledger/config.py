@@ -45,6 +45,11 @@ class Settings(BaseSettings):
     #: record use cases running at once per process; 0 = 1 on SQLite (its one write lock
     #: serializes them anyway), 16 on PostgreSQL (the size of the connection pool)
     db_threads: int = Field(default=0, ge=0, le=256)
+    #: SQLite durability: NORMAL (WAL) survives a process crash / kill -9; FULL also survives
+    #: power loss, at one fsync per commit
+    sqlite_synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+    #: an external Ethereum JSON-RPC node; empty = the embedded chain in ``home/chain``
+    chain_url: str = ""
     #: witnesses whose cosignatures this node accepts: comma-separated C2SP verifier keys
     #: (``name+hexid+base64(0x04 || ed25519 public key)``)
     witness_keys: str = ""
