@@ -297,3 +297,15 @@ def audit_filter(principal: Principal) -> AuditFilter:
     if principal.role == "patient":
         return Compartments(frozenset({principal.patient_id})) if principal.patient_id else _NOTHING
     return OwnActions(principal.subject)
+
+
+_OWN_LOG_ALLOWED: Final = Decision(True, "own-access-log", "Patients may review who accessed their own record.")
+_OWN_LOG_DENIED: Final = Decision(
+    False, "not-a-patient",
+    "The access log shows who accessed a patient's record, and only to that patient.")
+
+
+def own_access_log(principal: Principal) -> Decision:
+    """May this principal open the patient portal's "who accessed my record" page? Exactly when
+    ``audit_filter`` gives them their own compartment (a linked patient with AuditEvent scope)."""
+    return _OWN_LOG_ALLOWED if isinstance(audit_filter(principal), Compartments) else _OWN_LOG_DENIED

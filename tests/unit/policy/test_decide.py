@@ -450,3 +450,17 @@ def test_patient_data_reaches_only_its_patient_its_care_team_or_a_service(p, r):
         assert (r.establishes_care and r.action == "create") or all(("prac-1", x) in CARE for x in r.patient_ids)
     else:
         assert p.role == "service"
+
+
+def test_only_a_linked_patient_may_open_their_own_access_log():
+    from teleledger.identity.scopes import ROLE_SCOPE_SETS
+    from teleledger.policy.decide import own_access_log
+    from teleledger.policy.model import Principal
+
+    def who(role, patient_id=None, practitioner_id=None):
+        return Principal("acct", role, ROLE_SCOPE_SETS[role], patient_id, practitioner_id)
+
+    assert own_access_log(who("patient", "p1")).allowed
+    assert own_access_log(who("patient")).reason == "not-a-patient"
+    assert not own_access_log(who("practitioner", practitioner_id="d1")).allowed
+    assert not own_access_log(who("admin")).allowed

@@ -28,6 +28,7 @@ from fastapi.staticfiles import StaticFiles
 
 from teleledger import __version__
 from teleledger.core.errors import Forbidden
+from teleledger.policy import decide as policy
 from teleledger.records.audit_events import LEAF_HASH_URL
 from teleledger.web.deps import NodeDep
 from teleledger.web.ui import session
@@ -155,11 +156,10 @@ def portal(request: Request, node: NodeDep, user: PagePrincipal) -> Response:
 def access_log(request: Request, node: NodeDep, user: PagePrincipal) -> Response:
     if user is None:
         return _to_login("/portal/access-log")
-    if user.role != "patient" or not user.patient_id:
-        return render(request, "forbidden.html", {
-            "message": "The access log shows who accessed a patient's record, and only to that patient. "
-                       f"You are signed in as a {user.role}.",
-        }, status=403, user=user)
+    decision = policy.own_access_log(user)
+    if not decision.allowed:
+        return render(request, "forbidden.html", {"message": f"{decision.detail} You are signed in as a {user.role}."},
+                      status=403, user=user)
     try:
         bundle = node.audit_events.search(user, [("_count", str(ACCESS_LOG_SIZE))])
     except Forbidden as exc:  # an account whose scopes leave out AuditEvent
