@@ -82,7 +82,6 @@ from sqlalchemy import (
     Row,
     Select,
     create_engine,
-    event,
     func,
     select,
     text,
@@ -104,6 +103,7 @@ from teleledger.ledger.log.storage import (
 )
 from teleledger.records.keys import NODE_KEY, KeyShredded
 from teleledger.storage import tables as t
+from teleledger.storage.db import sqlite_pragmas
 
 if TYPE_CHECKING:  # the node is only used, never built, here
     from teleledger.bootstrap import Node
@@ -203,6 +203,10 @@ def _no_progress(phase: str, done: int, total: int) -> None:
 _lenient_text = functools.partial(str, encoding="utf-8", errors="surrogateescape")
 
 
+def _lenient(dbapi_conn) -> None:  # type: ignore[no-untyped-def]
+    dbapi_conn.text_factory = _lenient_text
+
+
 @contextmanager
 def _snapshot(engine: Engine) -> Iterator[Connection]:
     """A read-only connection holding one snapshot for the whole run."""
@@ -210,14 +214,8 @@ def _snapshot(engine: Engine) -> Iterator[Connection]:
         reads = create_engine(engine.url, poolclass=NullPool,
                               connect_args={"check_same_thread": False, "timeout": 30})
 
-        @event.listens_for(reads, "connect")
-        def _pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
-            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves: DEFERRED, not IMMEDIATE
-            dbapi_conn.text_factory = _lenient_text
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA query_only=ON")
-            cur.execute("PRAGMA busy_timeout=30000")
-            cur.close()
+        # we issue BEGIN ourselves: DEFERRED, not IMMEDIATE; tampered text must still decode
+        sqlite_pragmas(reads, query_only=True, configure=_lenient)
 
         try:
             with reads.connect() as conn:

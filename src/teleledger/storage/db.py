@@ -67,6 +67,32 @@ def fail_fast() -> Iterator[None]:
         _FAIL_FAST.reset(token)
 
 
+def sqlite_pragmas(engine: Engine, *, synchronous: str | int | None = None, query_only: bool = False,
+                   busy_timeout_ms: int = 30000, wal_autocheckpoint: int | None = None,
+                   configure=None) -> None:  # type: ignore[no-untyped-def]
+    """Configure every new SQLite connection of ``engine``: the driver never issues BEGIN (each
+    caller picks DEFERRED or IMMEDIATE itself), WAL for writers, read-only for readers.
+    ``configure`` is an extra ``f(dbapi_conn)`` for a caller's own driver settings."""
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+        dbapi_conn.isolation_level = None
+        if configure is not None:
+            configure(dbapi_conn)
+        cur = dbapi_conn.cursor()
+        if query_only:
+            cur.execute("PRAGMA query_only=ON")
+        else:
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+        if synchronous is not None:
+            cur.execute(f"PRAGMA synchronous={synchronous}")
+        if wal_autocheckpoint is not None:
+            cur.execute(f"PRAGMA wal_autocheckpoint={int(wal_autocheckpoint)}")
+        cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        cur.close()
+
+
 def make_engine(url: str, *, sqlite_synchronous: str = "NORMAL") -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(
@@ -76,19 +102,9 @@ def make_engine(url: str, *, sqlite_synchronous: str = "NORMAL") -> Engine:
             max_overflow=16,
         )
 
-        @event.listens_for(engine, "connect")
-        def _pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
-            # let SQLAlchemy not manage BEGIN: we issue BEGIN IMMEDIATE ourselves (see below)
-            dbapi_conn.isolation_level = None
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            # NORMAL in WAL mode: a commit survives a process crash (kill -9); FULL also survives
-            # power loss at one fsync per commit (TELELEDGER_SQLITE_SYNCHRONOUS=FULL)
-            cur.execute(f"PRAGMA synchronous={sqlite_synchronous}")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
-            cur.execute("PRAGMA busy_timeout=30000")
-            cur.close()
+        # NORMAL in WAL mode: a commit survives a process crash (kill -9); FULL also survives
+        # power loss at one fsync per commit (TELELEDGER_SQLITE_SYNCHRONOUS=FULL)
+        sqlite_pragmas(engine, synchronous=sqlite_synchronous, wal_autocheckpoint=WAL_AUTOCHECKPOINT_PAGES)
 
         @event.listens_for(engine, "begin")
         def _begin(conn):  # type: ignore[no-untyped-def]

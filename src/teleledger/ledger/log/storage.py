@@ -103,7 +103,7 @@ from teleledger.core.errors import TeleledgerError
 from teleledger.ledger.log import merkle
 from teleledger.ledger.log.merkle import EMPTY_ROOT, CompactRange, NodeKey
 from teleledger.ledger.log.note import Checkpoint, Signer, append_signature_lines, sign_note
-from teleledger.storage.db import UnitOfWork, run_many
+from teleledger.storage.db import UnitOfWork, run_many, sqlite_pragmas
 from teleledger.storage.tables import metadata
 
 __all__ = [
@@ -244,13 +244,7 @@ def read_only_engine(engine: Engine) -> Engine:
     reads = create_engine(engine.url, connect_args={"check_same_thread": False, "timeout": 30},
                           pool_size=8, max_overflow=8)
 
-    @event.listens_for(reads, "connect")
-    def _pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
-        dbapi_conn.isolation_level = None  # autocommit: no BEGIN from the driver
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA query_only=ON")
-        cur.execute("PRAGMA busy_timeout=30000")
-        cur.close()
+    sqlite_pragmas(reads, query_only=True)
 
     return reads
 
@@ -283,15 +277,7 @@ def sequencer_engine(engine: Engine, *, poll: float = 0.0005, timeout: float = 3
     writes = create_engine(engine.url, connect_args={"check_same_thread": False, "timeout": 0},
                            pool_size=2, max_overflow=2)
 
-    @event.listens_for(writes, "connect")
-    def _pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
-        dbapi_conn.isolation_level = None
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute(f"PRAGMA synchronous={synchronous:d}")
-        cur.execute("PRAGMA foreign_keys=ON")
-        cur.execute("PRAGMA busy_timeout=0")  # we poll below instead
-        cur.close()
+    sqlite_pragmas(writes, synchronous=synchronous, busy_timeout_ms=0)  # we poll below instead
 
     @event.listens_for(writes, "begin")
     def _begin(conn):  # type: ignore[no-untyped-def]
