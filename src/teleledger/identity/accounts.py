@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 
 from teleledger.core.errors import Conflict, InvalidInput, Unauthenticated
 from teleledger.identity.passwords import Hasher, check_password_policy
-from teleledger.identity.scopes import ROLE_SCOPES, ScopeSet
+from teleledger.identity.scopes import ROLE_SCOPES, ScopeSet, fhir_user
 from teleledger.storage import tables as t
 from teleledger.storage.db import UnitOfWork
 
@@ -32,6 +32,11 @@ class Account:
     role: str
     patient_id: str | None
     practitioner_id: str | None
+
+    @property
+    def fhir_user(self) -> str | None:
+        """The SMART ``fhirUser`` of this person: their Patient or Practitioner resource."""
+        return fhir_user(self.patient_id, self.practitioner_id)
 
 
 @dataclass(frozen=True)

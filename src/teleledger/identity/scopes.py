@@ -482,3 +482,10 @@ ROLE_SCOPES: Final[Mapping[str, str]] = MappingProxyType(
 ROLE_SCOPE_SETS: Final[Mapping[str, ScopeSet]] = MappingProxyType(
     {role: ScopeSet.parse(text) for role, text in ROLE_SCOPES.items()}
 )
+
+
+def fhir_user(patient_id: str | None, practitioner_id: str | None) -> str | None:
+    """The SMART ``fhirUser`` of a person: their Patient or Practitioner resource, if linked."""
+    if patient_id:
+        return f"Patient/{patient_id}"
+    return f"Practitioner/{practitioner_id}" if practitioner_id else None

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol, TypeAlias
 
-from teleledger.identity.scopes import Role, ScopeSet
+from teleledger.identity.scopes import Role, ScopeSet, fhir_user
 
 if TYPE_CHECKING:
     from teleledger.identity.tokens import Claims
@@ -47,6 +47,10 @@ class Principal:
     patient_id: str | None  # the Patient resource id a patient account is linked to
     practitioner_id: str | None  # the Practitioner resource id a practitioner account is linked to
     purpose: str = "TREAT"  # HL7 v3 ActReason: TREAT, HPAYMT, HRESCH, ETREAT, HOPERAT ...
+
+    @property
+    def fhir_user(self) -> str | None:
+        return fhir_user(self.patient_id, self.practitioner_id)
 
     @classmethod
     def from_claims(cls, claims: Claims, *, purpose: str = "TREAT") -> Principal:

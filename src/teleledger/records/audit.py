@@ -93,8 +93,7 @@ class Auditor:
         if not by_patient:
             return
         now = self.clock()
-        fhir_user = (f"Patient/{principal.patient_id}" if principal.patient_id else
-                     f"Practitioner/{principal.practitioner_id}" if principal.practitioner_id else None)
+        fhir_user = principal.fhir_user
         rows, leaves = [], []
         for patient_id, refs in by_patient.items():
             refs = sorted(set(refs))

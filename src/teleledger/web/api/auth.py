@@ -57,10 +57,8 @@ async def token(request: Request, node: NodeDep) -> Response:
             account = await run_in_threadpool(node.accounts.authenticate, username, password)
             allowed = node.accounts.role_scopes(account.role)
             scopes = allowed.narrow(requested) if requested else allowed
-            fhir_user = (f"Patient/{account.patient_id}" if account.patient_id else
-                         f"Practitioner/{account.practitioner_id}" if account.practitioner_id else None)
             issued = node.issuer.issue(account.id, account.role, scopes, patient=account.patient_id,
-                                       fhir_user=fhir_user, client_id=None)
+                                       fhir_user=account.fhir_user, client_id=None)
         elif grant == "client_credentials":
             creds = _basic(request) or (str(form.get("client_id", "")), str(form.get("client_secret", "")))
             if not creds[0] or not creds[1]:
