@@ -7,7 +7,6 @@ the master key so that several processes on one PostgreSQL share them.
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
@@ -120,7 +119,3 @@ def build(settings: Settings, *, migrate_schema: bool = True) -> Node:
                 node_key, log, auditor,
                 AuditEventService(engine, base_url=settings.public_url, observer=settings.node_name,
                                   default_count=settings.default_page_size, max_count=settings.max_page_size))
-
-
-def master_key_fingerprint(master: MasterKey) -> str:
-    return base64.b16encode(master.derive("teleledger fingerprint v1")[:6]).decode().lower()

@@ -16,7 +16,6 @@ from urllib.parse import parse_qsl, urlsplit
 from sqlalchemy import Connection
 
 from teleledger.core.errors import InvalidInput, NotFound, PreconditionFailed, TeleledgerError
-from teleledger.fhir import query as fq
 from teleledger.fhir.outcome import from_error
 from teleledger.fhir.validation import ID_PATTERN, is_resource_type
 from teleledger.policy.model import Principal
@@ -109,7 +108,7 @@ class BundleProcessor:
                     raise InvalidInput(f"reference {ref} names no entry of this transaction")
                 if "?" in ref:
                     if ref not in cache:
-                        cache[ref] = self._resolve_conditional(c, principal, ref)
+                        cache[ref] = self.records.resolve_conditional(c, principal, ref)
                     return cache[ref]
                 return None
 
@@ -124,15 +123,6 @@ class BundleProcessor:
                     raise
             uow.commit()
         return {"resourceType": "Bundle", "type": "transaction-response", "entry": responses}
-
-    def _resolve_conditional(self, c: Connection, principal: Principal, ref: str) -> str:
-        rt, _, query = _split_url(ref)
-        items = parse_qsl(query or "", keep_blank_values=True)
-        ps = fq.parse_search(rt, items, strict=True)
-        _, page, _ = self.records._run_search(c, principal, ps, limit=2, offset=0)
-        if len(page) != 1:
-            raise PreconditionFailed(f"conditional reference {ref} matched {len(page)} resources; it must match exactly one")
-        return f"{rt}/{page[0].res_id}"
 
     def _one(self, c: Connection, principal: Principal, e: dict, resolve, new_id: str | None) -> dict:  # type: ignore[no-untyped-def]
         req = e["request"]
@@ -199,7 +189,7 @@ class BundleProcessor:
                 with UnitOfWork(self.records.engine) as uow:
 
                     def resolve(ref: str, _c=uow.c) -> str | None:  # type: ignore[no-untyped-def]
-                        return self._resolve_conditional(_c, principal, ref) if "?" in ref else None
+                        return self.records.resolve_conditional(_c, principal, ref) if "?" in ref else None
 
                     out.append(self._one(uow.c, principal, e, resolve, None))
                     uow.commit()

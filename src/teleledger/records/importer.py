@@ -16,13 +16,11 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from urllib.parse import parse_qsl
 
 import orjson
 from sqlalchemy import Connection
 
-from teleledger.core.errors import InvalidInput, PreconditionFailed, TeleledgerError
-from teleledger.fhir import query as fq
+from teleledger.core.errors import InvalidInput, TeleledgerError
 from teleledger.fhir.validation import validate
 from teleledger.policy.model import Principal
 from teleledger.records.audit import touched
@@ -253,12 +251,8 @@ class Importer:
                 return None
             hit = self._resolved.get(ref)
             if hit is None:
-                rt, _, query = ref.partition("?")
-                ps = fq.parse_search(rt, parse_qsl(query, keep_blank_values=True), strict=True)
-                _, page, _ = self.records._run_search(conn, self.principal, ps, limit=2, offset=0)
-                if len(page) != 1:
-                    raise PreconditionFailed(f"conditional reference {ref} matched {len(page)} resources, not exactly one")
-                hit = self._resolved[ref] = f"{rt}/{page[0].res_id}"
+                # thousands of lines repeat the same few practitioner/location references
+                hit = self._resolved[ref] = self.records.resolve_conditional(conn, self.principal, ref)
             return hit
 
         return resolve

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode
 
 from sqlalchemy import Connection, Engine, and_, exists, func, literal, select
 
@@ -311,16 +311,24 @@ class RecordsService:
 
     # ---- search -----------------------------------------------------------------------------
 
-    def _conditional_matches(self, conn: Connection, principal: Principal, rt: str, query: str) -> list[Stored]:
-        from urllib.parse import parse_qsl
+    def resolve_conditional(self, conn: Connection, principal: Principal, ref: str) -> str:
+        """``Type?criteria`` → ``Type/id`` of the one resource it matches (Bundles, imports):
+        https://hl7.org/fhir/R4/http.html#trules (conditional references)."""
+        rt, _, query = ref.partition("?")
+        matches = self._conditional_matches(conn, principal, rt, query)
+        if len(matches) != 1:
+            raise PreconditionFailed(f"conditional reference {ref} matched {len(matches)} resources; "
+                                     "it must match exactly one")
+        return f"{rt}/{matches[0].res_id}"
 
+    def _conditional_matches(self, conn: Connection, principal: Principal, rt: str, query: str) -> list[Stored]:
         if not isinstance(query, str):
             raise InvalidInput("ifNoneExist must be a search query string such as identifier=system|value")
         items = parse_qsl(query.lstrip("?"), keep_blank_values=True)
         if not items:
             raise InvalidInput(f"empty conditional criteria for {rt}")
         ps = fq.parse_search(rt, items, strict=True, max_count=self.settings.max_count)
-        total, page, _ = self._run_search(conn, principal, ps, limit=3, offset=0)
+        _, page, _ = self._run_search(conn, principal, ps, limit=2, offset=0)
         return page
 
     def _run_search(self, conn: Connection, principal: Principal, ps: fq.ParsedSearch, *, limit: int,

@@ -404,6 +404,3 @@ class ResourceStore:
             select(*self._COLS).where(*conds).order_by(v.c.last_updated.desc(), v.c.version.desc()).limit(count).offset(offset)
         ).all()
         return total, [self._decode(conn, row) for row in rows]
-
-    def new_resource_id(self) -> str:
-        return self.new_id()
