@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,12 @@ from teleledger.ledger.chain.client import (
     ChainMisconfigured,
     ChainRevert,
     ChainUnavailable,
+    InvalidTransaction,
+    NonceConflict,
+    Receipt,
+    SignedTx,
+    decode_call,
+    sign_transaction,
 )
 from teleledger.ledger.chain.deploy import check_deployment, deploy_all
 from teleledger.ledger.chain.embedded import EmbeddedChain
@@ -32,8 +39,8 @@ CHAIN_URL = os.environ.get("TELELEDGER_TEST_CHAIN_URL", "")
 REQUIRE_CHAIN = os.environ.get("TELELEDGER_REQUIRE_CHAIN") == "1"
 HARDHAT_CHAIN_ID = 31337
 EMBEDDED_CHAIN_ID = 1337
-# Hardhat's dev account #0: unlocked on every Hardhat node; funds each test's fresh signer
-HARDHAT_FUNDER = "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266"
+#: what each test's fresh signer gets on Hardhat (gas there costs ~0.002 ETH per transaction)
+HARDHAT_TEST_BALANCE = 10**19
 ORG = b"org-1".ljust(32, b"\0")
 
 
@@ -78,11 +85,14 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
 
 @pytest.fixture
 def signer(backend: Backend) -> keys.PrivateKey:
-    """A fresh operator key; on Hardhat it is funded from dev account #0 (gas is free embedded)."""
+    """A fresh operator key; on Hardhat it gets a balance (gas is free embedded).
+
+    ``hardhat_setBalance`` rather than a transfer from a dev account: transfers drain the dev
+    accounts of a long-running node that several suites share, run after run.
+    """
     key = keys.PrivateKey(os.urandom(32))
     if backend.name == "hardhat":
-        tx = {"from": HARDHAT_FUNDER, "to": key.public_key.to_checksum_address(), "value": hex(10**20)}
-        _rpc(CHAIN_URL, "eth_sendTransaction", [tx])
+        _rpc(CHAIN_URL, "hardhat_setBalance", [key.public_key.to_checksum_address(), hex(HARDHAT_TEST_BALANCE)])
     return key
 
 
@@ -96,6 +106,20 @@ def _make_operator(client: ChainClient, addresses: dict[str, str], key: keys.Pri
     registry = addresses["ParticipantRegistry"]
     client.transact(registry, "ParticipantRegistry", "approve_organization", ORG, me, sender=key)
     client.transact(registry, "ParticipantRegistry", "set_member_roles", ORG, me, ROLE_ORG_ADMIN | ROLE_OPERATOR, sender=key)
+
+
+def _included(client: ChainClient, tx_hash: str, timeout: float = 10.0) -> Receipt:
+    """The receipt once the transaction is included (an external node may take a moment)."""
+    deadline = time.monotonic() + timeout
+    while (receipt := client.receipt(tx_hash)) is None:
+        assert time.monotonic() < deadline, f"{tx_hash} was not included within {timeout} s"
+        time.sleep(0.05)
+    return receipt
+
+
+def _anchor(client: ChainClient, addresses: dict[str, str], key: keys.PrivateKey, nonce: int, size: int) -> SignedTx:
+    return client.sign(addresses["AnchorRegistry"], "AnchorRegistry", "anchor", ORG, "example.org/log", size,
+                       size.to_bytes(32, "big"), sender=key, nonce=nonce)
 
 
 class TestChainConformance:
@@ -126,6 +150,10 @@ class TestChainConformance:
         assert event.args["by"] == signer.public_key.to_checksum_address()
         assert event.tx_hash == receipt.tx_hash
         assert receipt.events == (event,)
+        # the signature of a transact-signed transaction recovers its sender
+        tx = client.get_transaction(receipt.tx_hash)
+        assert tx is not None and (tx.sender, tx.to) == (signer.public_key.to_checksum_address(), anchors)
+        assert client.receipt(receipt.tx_hash) == receipt
 
     def test_a_revert_surfaces_the_contracts_exact_reason(
         self, backend: Backend, deployed: dict[str, str], signer: keys.PrivateKey
@@ -167,6 +195,146 @@ class TestChainConformance:
         broken = dict(deployed, AnchorRegistry="0x" + "ab" * 20)
         with pytest.raises(ChainMisconfigured, match="AnchorRegistry: no code at .*teleledger chain deploy"):
             check_deployment(backend.client, broken)
+
+
+class TestSignedTransactions:
+    """The crash-safe write path: ``nonce`` → ``sign`` → ``send_raw`` → ``receipt``."""
+
+    def test_a_signed_transaction_sent_raw_is_included_with_its_events(
+        self, backend: Backend, deployed: dict[str, str], signer: keys.PrivateKey
+    ) -> None:
+        client = backend.client
+        _make_operator(client, deployed, signer)
+        me = signer.public_key.to_checksum_address()
+        nonce = client.nonce(me)
+        signed = _anchor(client, deployed, signer, nonce, 7)
+        assert (signed.sender, signed.nonce) == (me, nonce)
+
+        assert client.send_raw([signed.raw]) == [signed.tx_hash]
+        receipt = _included(client, signed.tx_hash)
+
+        assert (receipt.tx_hash, receipt.status, receipt.error) == (signed.tx_hash, 1, None)
+        assert [e.name for e in receipt.events] == ["CheckpointAnchored"]
+        assert receipt.events[0].args["tree_size"] == 7
+        assert client.call(deployed["AnchorRegistry"], "AnchorRegistry", "latest", "example.org/log")[0] == 7
+        assert signed.tx_hash in client.get_block(receipt.block_number).tx_hashes
+
+    def test_sending_the_same_raw_transaction_twice_makes_one_transaction(
+        self, backend: Backend, deployed: dict[str, str], signer: keys.PrivateKey
+    ) -> None:
+        client = backend.client
+        _make_operator(client, deployed, signer)
+        me = signer.public_key.to_checksum_address()
+        nonce = client.nonce(me)
+        signed = _anchor(client, deployed, signer, nonce, 3)
+
+        first = client.send_raw([signed.raw])
+        receipt = _included(client, signed.tx_hash)
+        again = client.send_raw([signed.raw])  # e.g. a worker that crashed before recording the send
+        twice_in_one_list = client.send_raw([signed.raw, signed.raw])
+
+        assert first == again == [signed.tx_hash] and twice_in_one_list == [signed.tx_hash] * 2
+        assert client.nonce(me) == nonce + 1
+        assert client.receipt(signed.tx_hash) == receipt
+        assert client.get_block(receipt.block_number).tx_hashes.count(signed.tx_hash) == 1
+
+    def test_an_unknown_hash_has_no_receipt_and_no_transaction(self, backend: Backend) -> None:
+        unknown = "0x" + os.urandom(32).hex()
+        assert backend.client.receipt(unknown) is None
+        assert backend.client.get_transaction(unknown) is None
+
+    def test_a_failed_transaction_is_included_and_its_receipt_carries_the_revert_reason(
+        self, backend: Backend, deployed: dict[str, str], signer: keys.PrivateKey
+    ) -> None:
+        client = backend.client
+        me = signer.public_key.to_checksum_address()
+        nonce = client.nonce(me)
+        signed = _anchor(client, deployed, signer, nonce, 1)  # signer is not an operator yet
+
+        assert client.send_raw([signed.raw]) == [signed.tx_hash]
+        receipt = _included(client, signed.tx_hash)
+
+        assert receipt.status == 0
+        assert receipt.error == "anchors: not an operator of the organization"
+        assert receipt.events == ()
+        assert client.nonce(me) == nonce + 1  # a failed transaction still uses its nonce
+
+    def test_nonce_counts_every_transaction_of_the_sender(
+        self, backend: Backend, signer: keys.PrivateKey
+    ) -> None:
+        client = backend.client
+        me = signer.public_key.to_checksum_address()
+        assert client.nonce(me) == 0
+        addresses = deploy_all(client, signer, [me], 1)
+        assert client.nonce(me) == len(CONTRACT_NAMES)
+        _make_operator(client, addresses, signer)
+        nonce = client.nonce(me)
+        assert nonce == len(CONTRACT_NAMES) + 2
+        batch = [_anchor(client, addresses, signer, nonce + i, 10 + i) for i in range(3)]
+        client.send_raw([s.raw for s in batch])
+        assert [_included(client, s.tx_hash).status for s in batch] == [1, 1, 1]
+        assert client.nonce(me) == nonce + 3
+        # transact keeps counting after nonces used through send_raw
+        client.transact(addresses["AnchorRegistry"], "AnchorRegistry", "anchor", ORG, "example.org/log", 20,
+                        b"\x20" * 32, sender=signer)
+        assert client.nonce(me) == nonce + 4
+
+    def test_get_transaction_and_decode_call_name_the_function_and_its_arguments(
+        self, backend: Backend, deployed: dict[str, str], signer: keys.PrivateKey
+    ) -> None:
+        client = backend.client
+        me = signer.public_key.to_checksum_address()
+        registry = deployed["ParticipantRegistry"]
+        nonce = client.nonce(me)
+        signed = client.sign(registry, "ParticipantRegistry", "approve_organization", ORG, me.lower(),
+                             sender=signer, nonce=nonce)
+        client.send_raw([signed.raw])
+        receipt = _included(client, signed.tx_hash)
+
+        tx = client.get_transaction(signed.tx_hash)
+        assert tx is not None
+        assert (tx.hash, tx.sender, tx.to, tx.nonce, tx.block_number) == (
+            signed.tx_hash, me, registry, nonce, receipt.block_number)
+        expected = ("ParticipantRegistry", "approve_organization", {"org": ORG, "org_admin": me})
+        assert decode_call("ParticipantRegistry", tx.input) == expected
+        assert decode_call(None, tx.input) == expected  # found by its selector among every ABI
+        assert decode_call("AnchorRegistry", tx.input) == expected  # a wrong hint is only tried first
+        assert decode_call(None, b"\xde\xad\xbe\xef" + bytes(64)) is None
+        assert decode_call("ParticipantRegistry", b"") is None
+
+    def test_a_different_transaction_with_a_used_nonce_is_a_nonce_conflict(
+        self, backend: Backend, deployed: dict[str, str], signer: keys.PrivateKey
+    ) -> None:
+        client = backend.client
+        _make_operator(client, deployed, signer)
+        me = signer.public_key.to_checksum_address()
+        nonce = client.nonce(me)
+        first = _anchor(client, deployed, signer, nonce, 5)
+        client.send_raw([first.raw])
+        _included(client, first.tx_hash)
+        other = _anchor(client, deployed, signer, nonce, 6)
+
+        with pytest.raises(NonceConflict) as caught:
+            client.send_raw([other.raw])
+
+        assert (caught.value.sender, caught.value.nonce, caught.value.tx_hash) == (me, nonce, other.tx_hash)
+        assert caught.value.status == 409
+        assert "already used by a different transaction" in str(caught.value)
+        assert client.get_transaction(other.tx_hash) is None
+        assert client.nonce(me) == nonce + 1
+
+    def test_a_transaction_signed_for_another_chain_is_refused(
+        self, backend: Backend, deployed: dict[str, str], signer: keys.PrivateKey
+    ) -> None:
+        client = backend.client
+        me = signer.public_key.to_checksum_address()
+        foreign = sign_transaction(signer, chain_id=client.chain_id() + 1, nonce=client.nonce(me), gas_price=0,
+                                   gas=100_000, to=deployed["AnchorRegistry"], data=b"")
+        with pytest.raises(InvalidTransaction, match=f"signed for chain id {client.chain_id() + 1}, this chain is {client.chain_id()}"):
+            client.send_raw([foreign.raw])
+        with pytest.raises(InvalidTransaction):
+            client.send_raw([b"\xc0not a transaction"])
+        assert client.get_transaction(foreign.tx_hash) is None
 
 
 def test_an_unreachable_node_raises_chain_unavailable() -> None:
