@@ -28,39 +28,63 @@ Rules, applied in order; the first that matches settles the request (reason in q
       ("search-filtered"); read and vread are allowed ("not-patient-data"); writes are denied
       to patients, whose writes must land in their own compartment ("not-own-compartment"),
       and allowed to other roles ("not-patient-data").
-6. Patient data, by role:
-   a. patient: an account not linked to a Patient gets nothing ("no-linked-patient"); reads
-      need their own id in the compartment, writes need the compartment to be exactly their
-      own id, so that they cannot write into another patient's record ("own-compartment" /
-      "not-own-compartment");
+6. Patient data, by role. ``grants`` is the consent state (``policy.consent_index.ConsentIndex``:
+   the patients' consents projected from the chain, and break-glass claims); its answers carry
+   the consent or claim in ``Decision.basis``. ``default`` is the organization's
+   ``DefaultPolicy``.
+   a. patient: reads need their own id in the compartment, writes need the compartment to be
+      exactly their own id, so that they cannot write into another patient's record
+      ("own-compartment"). Anything else goes to the consent state if the account acts for
+      someone (``actor_refs``: a delegate's RelatedPerson), which decides ("consent-permit",
+      "consent-deny", "consent-deny-exception"); otherwise deny ("no-linked-patient" for an
+      account not linked to a Patient, else "not-own-compartment");
    b. practitioner: an account not linked to a Practitioner gets nothing
       ("no-linked-practitioner"); a create of an Encounter, Appointment or CareTeam that the
       caller marked ``establishes_care`` (the practitioner is a participant) is allowed
-      ("establishes-care"); otherwise they need a care relationship with every patient in the
-      compartment ("care-relationship" / "no-relationship");
+      ("establishes-care"). Otherwise every patient in the compartment must allow it, each on
+      its own basis, judged in this order (the first denial is the answer; with several
+      patients the answer names the strongest basis used: break-glass, consent, care):
+      i.   break-glass: purpose ETREAT (or BTG, ERTREAT), an active claim for the patient, and no
+           consent that permits anyway → allowed ("break-glass", flagged BTG in the audit), over
+           the patient's deny too;
+      ii.  a patient's deny (to this practitioner, their organization or role, or anyone)
+           overrides the care relationship ("consent-deny" / "consent-deny-exception");
+      iii. the default policy: with ``care_relationship_access`` and a care relationship with
+           the patient, allowed for the ``care_purposes`` ("care-relationship"); for another
+           purpose only a permit helps ("consent-permit", else "purpose-needs-consent");
+      iv.  otherwise only a permit helps ("consent-permit"); an expired claim says so
+           ("break-glass-expired"); else deny ("no-relationship", or "needs-consent" when the
+           default policy gives care relationships no access);
    c. admin: never ("admin-no-clinical");
-   d. pharmacist, payer, researcher: whatever a consent grant decides (``Grants``); without one,
-      deny ("needs-consent").
+   d. pharmacist, payer, researcher: whatever the consent state decides ("consent-permit",
+      "consent-deny", "consent-deny-exception"); without a consent, deny ("needs-consent").
 
-Break-the-glass (purpose ETREAT) is not a rule yet: ``Principal.purpose`` is carried so the
-consent work can add it behind ``Grants`` without changing callers.
+Search: ``search_filter`` turns the same rules into a row restriction the store applies, so a
+search returns (and counts, and pages) exactly the rows ``decide`` would let the principal read.
 
 This module must never perform I/O itself: care relationships and grants are injected.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final, TypeAlias
 
 from teleledger.policy.model import (
+    DEFAULT_POLICY,
+    EMPTY_CONSENT_VIEW,
     NO_GRANTS,
+    REASON_BREAK_GLASS,
+    REASON_BREAK_GLASS_EXPIRED,
     AccessRequest,
     All,
     CareRelationships,
     CareTeamOf,
     Compartments,
+    Consented,
+    ConsentSearch,
     Decision,
+    DefaultPolicy,
     Grants,
     Nothing,
     Principal,
@@ -170,6 +194,14 @@ NO_RELATIONSHIP = _deny(
 )
 ADMIN_NO_CLINICAL = _deny("admin-no-clinical", "Administrators do not access patient data.")
 NEEDS_CONSENT = _deny("needs-consent", "This role needs a consent grant to access patient data.")
+NEEDS_CONSENT_BY_POLICY = _deny(
+    "needs-consent", "The organization's default policy requires a consent grant for this access."
+)
+PURPOSE_NEEDS_CONSENT = _deny(
+    "purpose-needs-consent",
+    "A care relationship gives access only for the default policy's purposes of use; "
+    "this purpose needs a consent grant.",
+)
 
 
 def decide(
@@ -177,6 +209,8 @@ def decide(
     request: AccessRequest,
     care: CareRelationships,
     grants: Grants = NO_GRANTS,
+    *,
+    default: DefaultPolicy = DEFAULT_POLICY,
 ) -> Decision:
     """Apply the rules of the module docstring, in order."""
     role = principal.role
@@ -203,25 +237,61 @@ def decide(
 
     if role == "patient":
         own = principal.patient_id
-        if own is None:
-            return NO_LINKED_PATIENT
-        if action in _READS:
-            return OWN_COMPARTMENT if own in patients else NOT_OWN_COMPARTMENT
-        return OWN_COMPARTMENT if len(patients) == 1 and own in patients else NOT_OWN_COMPARTMENT
+        if own is not None and own in patients and (action in _READS or len(patients) == 1):
+            return OWN_COMPARTMENT
+        if principal.actor_refs:  # a delegate: the represented patient's consents decide
+            granted = grants.grant(principal, request)
+            if granted is not None:
+                return granted
+        return NO_LINKED_PATIENT if own is None else NOT_OWN_COMPARTMENT
     if role == "practitioner":
         practitioner_id = principal.practitioner_id
         if practitioner_id is None:
             return NO_LINKED_PRACTITIONER
         if request.establishes_care and action == "create" and resource_type in CARE_ESTABLISHING_TYPES:
             return ESTABLISHES_CARE
+        if len(patients) > 1:
+            return _practitioner_each(principal, request, care, grants, default)
+        granted = grants.grant(principal, request)
+        if granted is not None and (
+            granted.reason == REASON_BREAK_GLASS
+            or (not granted.allowed and granted.reason != REASON_BREAK_GLASS_EXPIRED)
+        ):
+            return granted  # 6b-i: break-glass; 6b-ii: a patient's deny beats the care relationship
+        if not default.care_relationship_access:
+            return NEEDS_CONSENT_BY_POLICY if granted is None else granted
         for patient_id in patients:
             if not care.has_care_relationship(practitioner_id, patient_id):
-                return NO_RELATIONSHIP
-        return CARE_RELATIONSHIP
+                return NO_RELATIONSHIP if granted is None else granted
+        if principal.purpose in default.covered_care_purposes:
+            return CARE_RELATIONSHIP
+        return granted if granted is not None and granted.allowed else PURPOSE_NEEDS_CONSENT
     if role == "admin":
         return ADMIN_NO_CLINICAL
     granted = grants.grant(principal, request)
     return NEEDS_CONSENT if granted is None else granted
+
+
+def _practitioner_each(principal: Principal, request: AccessRequest, care: CareRelationships, grants: Grants,
+                       default: DefaultPolicy) -> Decision:
+    """Rule 6b for a resource shared by several patients: every one of them must allow it, each
+    on its own basis (a care relationship with one, a consent of the other), judged as if the
+    resource were theirs alone. The decision returned names the strongest basis used:
+    break-glass, else a consent, else care."""
+    chosen: Decision | None = None
+    for patient_id in sorted(request.patient_ids):
+        one = replace(request, patient_ids=frozenset((patient_id,)))
+        decision = decide(principal, one, care, grants, default=default)
+        if not decision.allowed:
+            return decision
+        if chosen is None or _strength(decision) > _strength(chosen):
+            chosen = decision
+    assert chosen is not None
+    return chosen
+
+
+def _strength(decision: Decision) -> int:
+    return 2 if decision.reason == REASON_BREAK_GLASS else 0 if decision is CARE_RELATIONSHIP else 1
 
 
 def _non_patient_data(principal: Principal, request: AccessRequest) -> Decision:
@@ -251,23 +321,54 @@ _PUBLIC_ONLY: Final = PublicOnly()
 _NOTHING: Final = Nothing()
 
 
-def search_filter(principal: Principal) -> SearchFilter:
-    """The restriction the store must apply to a search that ``decide`` allowed.
+def search_filter(
+    principal: Principal,
+    grants: ConsentSearch = NO_GRANTS,
+    *,
+    default: DefaultPolicy = DEFAULT_POLICY,
+) -> SearchFilter:
+    """The restriction the store must apply to a search that ``decide`` allowed (rule 6 as rows;
+    ``model.matches`` defines each variant exactly).
 
-    service → All; patient → Compartments({own id}); practitioner → CareTeamOf(own id);
-    admin, pharmacist, payer, researcher, and accounts not linked to their resource →
-    PublicOnly (consent grants will widen the last three); unknown role → Nothing.
+    service → All; admin → PublicOnly; unknown role → Nothing. The others start from what the
+    consent state says about them (``grants.search_view``); when it says nothing:
+    patient → Compartments({own id}); practitioner → CareTeamOf(own id) when the default
+    policy gives care relationships access for their purpose, else PublicOnly; pharmacist, payer,
+    researcher and accounts not linked to their resource → PublicOnly. When it says something:
+    Consented(own patient id for a patient (delegates), care team as above for a practitioner,
+    their active break-glass patients, the consents' permits and denies).
     """
     role = principal.role
     if role == "service":
         return _ALL
-    if role == "patient":
-        return Compartments(frozenset({principal.patient_id})) if principal.patient_id else _PUBLIC_ONLY
-    if role == "practitioner":
-        return CareTeamOf(principal.practitioner_id) if principal.practitioner_id else _PUBLIC_ONLY
-    if role in ROLE_CONTEXT:
+    if role not in ROLE_CONTEXT:
+        return _NOTHING
+    if role == "admin":
         return _PUBLIC_ONLY
-    return _NOTHING
+    if role == "patient":
+        own = principal.patient_id
+        view = grants.search_view(principal) if principal.actor_refs else EMPTY_CONSENT_VIEW
+        if view.empty:
+            return Compartments(frozenset({own})) if own else _PUBLIC_ONLY
+        return Consented(own_patient_id=own, permits=view.permits, denies=view.denies)
+    if role == "practitioner":
+        practitioner_id = principal.practitioner_id
+        if practitioner_id is None:
+            return _PUBLIC_ONLY
+        care_team = (
+            practitioner_id
+            if default.care_relationship_access and principal.purpose in default.covered_care_purposes
+            else None
+        )
+        view = grants.search_view(principal)
+        if view.empty:
+            return CareTeamOf(practitioner_id) if care_team is not None else _PUBLIC_ONLY
+        return Consented(care_team_of=care_team, break_glass=view.break_glass, permits=view.permits,
+                         denies=view.denies)
+    view = grants.search_view(principal)
+    if view.empty:
+        return _PUBLIC_ONLY
+    return Consented(permits=view.permits, denies=view.denies)
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,3 +410,249 @@ def own_access_log(principal: Principal) -> Decision:
     """May this principal open the patient portal's "who accessed my record" page? Exactly when
     ``audit_filter`` gives them their own compartment (a linked patient with AuditEvent scope)."""
     return _OWN_LOG_ALLOWED if isinstance(audit_filter(principal), Compartments) else _OWN_LOG_DENIED
+
+
+# -- visit scheduling -------------------------------------------------------------------------
+# teleledger.visits.scheduling writes Schedules and Slots, and turns a Slot busy or free, with
+# the server's own authority once these rules allowed the use case (a patient may book a Slot,
+# not edit it). The Appointment itself is written with the caller's authority and judged by
+# ``decide`` like any other resource: both must allow.
+
+_OWN_AVAILABILITY: Final = Decision(True, "own-availability", "Practitioners publish their own availability.")
+_AVAILABILITY_ADMIN: Final = Decision(True, "directory-editor", "Administrators run the directory, schedules included.")
+_NOT_OWN_AVAILABILITY: Final = Decision(
+    False, "not-own-availability", "Only the practitioner themselves (or an administrator) publishes their availability.")
+_OWN_BOOKING: Final = Decision(True, "own-booking", "Patients book visits for themselves.")
+_BOOK_FOR_YOURSELF: Final = Decision(False, "book-for-yourself", "A patient may book visits only for themselves.")
+_PATIENTS_BOOK: Final = Decision(False, "patients-book", "Visits are booked by the patient (or a trusted backend).")
+_PATIENT_CANCELS: Final = Decision(True, "patient-cancels", "A patient may cancel their own visit.")
+_PATIENT_ONLY_CANCELS: Final = Decision(
+    False, "patient-only-cancels", "A patient may cancel or reschedule their visit; its other states are the practitioner's.")
+_VISIT_STATUS_BY_PRACTITIONER: Final = Decision(
+    True, "visit-practitioner-status", "The practitioner of a visit moves it through its states.")
+_NOT_VISIT_PARTY: Final = Decision(
+    False, "not-a-visit-party", "Only the patient or the practitioner of a visit may change it.")
+
+
+def manage_availability(principal: Principal, *, practitioner_id: str) -> Decision:
+    """May this principal publish the weekly hours (Schedule and Slots) of Practitioner
+    ``practitioner_id``? The practitioner account linked to it ("own-availability"), an
+    administrator ("directory-editor"), a service ("system-scope"); anyone else: deny
+    ("not-own-availability")."""
+    role = principal.role
+    if role == "practitioner" and principal.practitioner_id is not None and principal.practitioner_id == practitioner_id:
+        return _OWN_AVAILABILITY
+    if role == "admin":
+        return _AVAILABILITY_ADMIN
+    if role == "service":
+        return SYSTEM_SCOPE
+    return _NOT_OWN_AVAILABILITY
+
+
+def book_visit(principal: Principal, *, patient_id: str) -> Decision:
+    """May this principal book (or reschedule) a visit for Patient ``patient_id``? A patient for
+    themselves ("own-booking"), never for another patient ("book-for-yourself"); a service for
+    anyone ("system-scope"); no other role ("patients-book")."""
+    if principal.role == "patient":
+        own = principal.patient_id
+        if own is None:
+            return NO_LINKED_PATIENT
+        return _OWN_BOOKING if own == patient_id else _BOOK_FOR_YOURSELF
+    if principal.role == "service":
+        return SYSTEM_SCOPE
+    return _PATIENTS_BOOK
+
+
+def change_visit_status(principal: Principal, *, status: str, patients: frozenset[str],
+                        practitioners: frozenset[str]) -> Decision:
+    """May this principal move a visit (an Appointment naming ``patients`` and ``practitioners``)
+    to ``status``? Its patient only to ``cancelled`` ("patient-cancels" / "patient-only-cancels");
+    its practitioner to any status the state machine allows ("visit-practitioner-status"); a
+    service likewise ("system-scope"); anyone else, a colleague with a care relationship
+    included: deny ("not-a-visit-party"). Whether the change itself is allowed from the current
+    status is the state machine's question (``teleledger.visits.scheduling.TRANSITIONS``)."""
+    role = principal.role
+    if role == "patient" and principal.patient_id is not None and principal.patient_id in patients:
+        return _PATIENT_CANCELS if status == "cancelled" else _PATIENT_ONLY_CANCELS
+    if role == "practitioner" and principal.practitioner_id is not None and principal.practitioner_id in practitioners:
+        return _VISIT_STATUS_BY_PRACTITIONER
+    if role == "service":
+        return SYSTEM_SCOPE
+    return _NOT_VISIT_PARTY
+
+
+# -- video visits ---------------------------------------------------------------------------
+# A visit room (teleledger.visits.rooms) is one Appointment's two participants and nobody else:
+# not a colleague with a care relationship, not an administrator, not a backend service. The
+# records rules above still govern every resource the room reads or writes; these two decide
+# who is *in the room* at all.
+
+_VISIT_PATIENT: Final = Decision(True, "visit-patient", "The patient of this visit may join its room.")
+_VISIT_PRACTITIONER: Final = Decision(True, "visit-practitioner", "A practitioner of this visit may join its room.")
+_NOT_A_VISIT_PARTICIPANT: Final = Decision(
+    False, "not-a-visit-participant", "Only the patient and the practitioner of this visit may join its room.")
+_VISIT_HOST: Final = Decision(True, "visit-host", "A practitioner of this visit admits the patient and ends the visit.")
+_ONLY_PRACTITIONER_HOSTS: Final = Decision(
+    False, "only-practitioner-hosts", "Only the practitioner of this visit admits the patient and ends the visit.")
+
+
+def join_visit(principal: Principal, *, patients: frozenset[str], practitioners: frozenset[str]) -> Decision:
+    """May this principal join the room of a visit whose Appointment names these participants?
+
+    A patient account linked to one of ``patients`` ("visit-patient"), a practitioner account
+    linked to one of ``practitioners`` ("visit-practitioner"); anyone else, including services
+    and administrators: deny ("not-a-visit-participant")."""
+    if principal.role == "patient" and principal.patient_id is not None and principal.patient_id in patients:
+        return _VISIT_PATIENT
+    if (principal.role == "practitioner" and principal.practitioner_id is not None
+            and principal.practitioner_id in practitioners):
+        return _VISIT_PRACTITIONER
+    return _NOT_A_VISIT_PARTICIPANT
+
+
+def host_visit(principal: Principal, *, patients: frozenset[str], practitioners: frozenset[str]) -> Decision:
+    """May this principal admit the patient of this visit and end it? Only a practitioner of the
+    visit ("visit-host"); its patient is told so ("only-practitioner-hosts"); anyone else gets
+    "not-a-visit-participant"."""
+    joined = join_visit(principal, patients=patients, practitioners=practitioners)
+    if joined is _VISIT_PRACTITIONER:
+        return _VISIT_HOST
+    return _ONLY_PRACTITIONER_HOSTS if joined is _VISIT_PATIENT else joined
+
+
+# -- clinical notes and secure messaging ----------------------------------------------------
+# The records rules above govern every Composition, Provenance, Condition, Observation and
+# Communication these features read or write (through the patient compartment). These decide
+# what the records rules cannot see: who may author an encounter's note (drafts never enter the
+# store), whose draft is whose, and who takes part in a message thread.
+
+_NOTE_AUTHOR: Final = Decision(True, "encounter-practitioner",
+                               "A practitioner of this encounter writes and signs its clinical note.")
+_NOT_ENCOUNTER_PRACTITIONER: Final = Decision(
+    False, "not-encounter-practitioner", "Only the practitioner of this encounter may write or sign its note.")
+_OWN_DRAFT: Final = Decision(True, "own-draft", "A note draft is visible to its author.")
+_NOT_OWN_DRAFT: Final = Decision(False, "not-own-draft", "A note draft is visible only to its author.")
+_THREAD_PARTICIPANT: Final = Decision(True, "thread-participant", "Participants read and answer their thread.")
+_NOT_THREAD_PARTICIPANT: Final = Decision(
+    False, "not-thread-participant", "Only the patient and the care team members of a thread take part in it.")
+_MESSAGE_CARE_TEAM: Final = Decision(
+    True, "message-care-team", "Patients and practitioners message each other within a care relationship.")
+_MESSAGE_NO_RELATIONSHIP: Final = Decision(
+    False, "message-no-relationship",
+    "Messages go between a patient and practitioners who have a care relationship with them.")
+_MESSAGE_NOT_A_PARTY: Final = Decision(
+    False, "message-not-a-party", "Only a patient or a practitioner linked to their record sends secure messages.")
+
+
+def note_author(principal: Principal, *, encounter_practitioners: frozenset[str]) -> Decision:
+    """May this principal write a draft of, and sign, the note of an encounter whose participants
+    are ``encounter_practitioners`` (Practitioner ids)? Only a practitioner account linked to one
+    of them ("encounter-practitioner"); anyone else, including another practitioner with a care
+    relationship, an administrator or a service: deny ("not-encounter-practitioner")."""
+    if (principal.role == "practitioner" and principal.practitioner_id is not None
+            and principal.practitioner_id in encounter_practitioners):
+        return _NOTE_AUTHOR
+    return _NOT_ENCOUNTER_PRACTITIONER
+
+
+def own_note_draft(principal: Principal, *, author: str) -> Decision:
+    """May this principal see or change a note draft written by Practitioner ``author``? Only its
+    author ("own-draft" / "not-own-draft"): a draft is not yet part of anyone's record."""
+    if principal.role == "practitioner" and principal.practitioner_id is not None and principal.practitioner_id == author:
+        return _OWN_DRAFT
+    return _NOT_OWN_DRAFT
+
+
+def message_thread(principal: Principal, *, participants: frozenset[str]) -> Decision:
+    """May this principal read, answer and mark read a message thread whose participants are the
+    FHIR references ``participants`` (``Patient/…``, ``Practitioner/…``)? Exactly when their own
+    ``fhirUser`` is one of them ("thread-participant" / "not-thread-participant"). The records
+    rules apply to each message as well: both must allow."""
+    me = principal.fhir_user
+    return _THREAD_PARTICIPANT if me is not None and me in participants else _NOT_THREAD_PARTICIPANT
+
+
+def message_recipients(principal: Principal, *, patient_id: str, practitioner_ids: frozenset[str],
+                       care: CareRelationships) -> Decision:
+    """May this principal send a message about Patient ``patient_id`` to (or with) these
+    practitioners? The sender must be that patient or one of those practitioners, and every
+    practitioner must have a care relationship with the patient ("message-care-team"); a sender
+    who is neither: "message-not-a-party"; a practitioner without one: "message-no-relationship"."""
+    if principal.role == "patient":
+        if principal.patient_id is None or principal.patient_id != patient_id:
+            return _MESSAGE_NOT_A_PARTY
+    elif principal.role == "practitioner":
+        if principal.practitioner_id is None or principal.practitioner_id not in practitioner_ids:
+            return _MESSAGE_NOT_A_PARTY
+    else:
+        return _MESSAGE_NOT_A_PARTY
+    if not practitioner_ids:
+        return _MESSAGE_NO_RELATIONSHIP
+    for practitioner_id in practitioner_ids:
+        if not care.has_care_relationship(practitioner_id, patient_id):
+            return _MESSAGE_NO_RELATIONSHIP
+    return _MESSAGE_CARE_TEAM
+
+
+# -- admin console ----------------------------------------------------------------------------
+# The node's admin pages (the chain explorer: blocks, transactions, anchors, the outbox) show
+# operational data only: addresses, pseudonyms, hashes, queue states. Still, only admins.
+
+_ADMIN_CONSOLE: Final = Decision(True, "admin-console", "Administrators may open the node's admin pages.")
+_NOT_AN_ADMIN: Final = Decision(False, "not-an-admin", "Only administrators may open the node's admin pages.")
+
+
+def admin_console(principal: Principal) -> Decision:
+    """May this principal open the node's admin pages (``/admin/...``)? Accounts with the admin
+    role ("admin-console"); every other role, services included: deny ("not-an-admin")."""
+    return _ADMIN_CONSOLE if principal.role == "admin" else _NOT_AN_ADMIN
+
+
+# -- e-prescriptions ----------------------------------------------------------------------------
+# A pharmacy works from the prescription token and the chain, never from the prescriber's record:
+# verification (token signature, the signer is the chain's prescriber, the chain's status) is
+# done by ``prescriptions.service`` before it asks. These rules say who may act on a verified
+# prescription; the records rules still apply to every resource read or written for a prescriber
+# or a patient.
+
+_DISPENSE_VERIFIED: Final = Decision(
+    True, "verified-prescription",
+    "A pharmacist records the dispense of a prescription whose token was verified against the chain.")
+_DISPENSE_NOT_VERIFIED: Final = Decision(
+    False, "prescription-not-verified", "A dispense needs a prescription token verified against the chain.")
+_NOT_A_PHARMACIST: Final = Decision(False, "not-a-pharmacist", "Only pharmacists dispense prescriptions.")
+_OWN_PRESCRIPTION: Final = Decision(True, "own-prescription", "The prescriber may cancel their own prescription.")
+_NOT_OWN_PRESCRIPTION: Final = Decision(
+    False, "not-own-prescription", "Only the prescriber who issued a prescription may cancel it.")
+_PATIENT_SHARES: Final = Decision(True, "patient-shares-own", "Patients choose where their prescriptions go.")
+_NOT_PATIENTS_OWN: Final = Decision(
+    False, "not-patients-own", "Only the patient of a prescription may send it to a pharmacy.")
+
+
+def dispense_prescription(principal: Principal, *, token_verified: bool) -> Decision:
+    """May this principal record a MedicationDispense (and the on-chain dispense) for a
+    prescription? A pharmacist, when the caller verified the prescription's token against the
+    chain ("verified-prescription"): this is the narrow exception to rule 6d (pharmacists need a
+    consent for patient data), because the token the patient handed over is the authorization
+    and the chain, not this node's records, says whether it may still be filled. A pharmacist
+    without a verified token: "prescription-not-verified"; every other role, services included:
+    "not-a-pharmacist" (the contract itself also wants ROLE_PHARMACIST)."""
+    if principal.role != "pharmacist":
+        return _NOT_A_PHARMACIST
+    return _DISPENSE_VERIFIED if token_verified else _DISPENSE_NOT_VERIFIED
+
+
+def cancel_prescription(principal: Principal, *, prescriber_account: str) -> Decision:
+    """May this principal cancel a prescription issued by the account ``prescriber_account``
+    (an account id)? Only that practitioner account ("own-prescription" / "not-own-prescription")."""
+    if principal.role == "practitioner" and principal.subject == prescriber_account:
+        return _OWN_PRESCRIPTION
+    return _NOT_OWN_PRESCRIPTION
+
+
+def share_prescription(principal: Principal, *, patient_id: str) -> Decision:
+    """May this principal send a prescription of Patient ``patient_id`` to a pharmacy? Only that
+    patient ("patient-shares-own" / "not-patients-own")."""
+    if principal.role == "patient" and principal.patient_id is not None and principal.patient_id == patient_id:
+        return _PATIENT_SHARES
+    return _NOT_PATIENTS_OWN

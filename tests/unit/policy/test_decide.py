@@ -325,15 +325,19 @@ def test_a_consent_grant_decides_for_pharmacist_payer_and_researcher(role, resou
     assert grants.asked == [(PRINCIPALS[role], request)]
 
 
-def test_grants_are_not_consulted_for_other_roles_or_non_patient_data():
+def test_grants_are_not_consulted_for_admins_or_non_patient_data():
     grants = FakeGrants(CONSENTED)
     care = FakeCare(set())
     assert decide(PRINCIPALS["admin"], req("read", "AuditEvent", "pat-2"), care, grants).reason == "admin-no-clinical"
-    assert decide(PRINCIPALS["practitioner"], req("read", "Observation", "pat-3"), care, grants).reason == (
-        "no-relationship"
-    )
     assert decide(PRINCIPALS["pharmacist"], req("read", "Organization"), care, grants).reason == "public-directory"
     assert grants.asked == []
+
+
+def test_a_practitioner_without_a_care_relationship_is_settled_by_a_consent_grant():
+    # issue 5 (consent): without a care relationship only a permit helps (was: always denied)
+    request = req("read", "Observation", "pat-3")
+    assert decide(PRINCIPALS["practitioner"], request, FakeCare(set()), FakeGrants(CONSENTED)) is CONSENTED
+    assert decide(PRINCIPALS["practitioner"], request, FakeCare(set()), FakeGrants(None)).reason == "no-relationship"
 
 
 @pytest.mark.parametrize("role", ["pharmacist", "payer", "researcher"])
