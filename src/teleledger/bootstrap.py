@@ -7,6 +7,8 @@ the master key so that several processes on one PostgreSQL share them.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
@@ -19,10 +21,15 @@ from teleledger.config import Settings
 from teleledger.core.errors import ConfigurationError, TeleledgerError
 from teleledger.core.crypto import KeyedHash, LocalMasterKey, MasterKey, new_data_key, open_sealed, seal
 from teleledger.identity.accounts import Accounts
+from teleledger.identity.keystore import NODE_AUTHORITY, Keystore, legacy_authority_file
 from teleledger.identity.passwords import Hasher
 from teleledger.identity.tokens import TokenIssuer, TokenVerifier
+from teleledger.ledger.chain.runtime import ChainRuntime, open_runtime
 from teleledger.ledger.log.note import CosignatureVerifier, Ed25519Signer
 from teleledger.ledger.log.service import TransparencyLog
+from teleledger.policy.consent_index import ConsentIndex
+from teleledger.policy.model import DefaultPolicy
+from teleledger.policy.service import ConsentService
 from teleledger.records.audit import Auditor
 from teleledger.records.audit_events import AuditEventService
 from teleledger.records.bundles import BundleProcessor
@@ -32,6 +39,7 @@ from teleledger.records.service import RecordsService
 from teleledger.records.service import Settings as RecordsSettings
 from teleledger.records.store import ResourceStore
 from teleledger.storage import tables as t
+from teleledger.visits.scheduling import Scheduling
 from teleledger.storage.db import get_meta, make_engine, migrate, schema_state
 
 
@@ -49,8 +57,20 @@ class Node:
     log: TransparencyLog
     auditor: Auditor
     audit_events: AuditEventService
+    keystore: Keystore
+    #: the chain (outbox worker, indexer, anchoring); None when TELELEDGER_CHAIN_ENABLED=false
+    chain: ChainRuntime | None = None
+    #: the consent state every access decision consults (projected from the chain)
+    consents: ConsentIndex | None = None
+    #: granting, revoking and break-glass (``policy.service``)
+    consent_service: ConsentService | None = None
+    #: availability, booking, cancelling (``visits.scheduling``); built here so its write guard
+    #: (no path may book around the slot-booking row) covers every writer, imports included
+    scheduling: Scheduling | None = None
 
     def close(self) -> None:
+        if self.chain is not None:
+            self.chain.close()
         self.log.close()
         self.engine.dispose()
 
@@ -77,6 +97,32 @@ def _node_secret(engine: Engine, master: MasterKey, name: str) -> bytes:
             sealed = get_meta(conn, name)
     assert sealed is not None
     return open_sealed(aead, sealed, name.encode(), what=f"node secret {name}")
+
+
+def _keystore(settings: Settings, engine: Engine, master: MasterKey, *, writable: bool = True) -> Keystore:
+    # the authority key file of earlier versions becomes node:authority, so an existing embedded
+    # chain keeps its sealer; asked for here so that happens at start, before any other use
+    # (not by a read-only opening such as ``teleledger verify``, which must write nothing)
+    keystore = Keystore(engine, master, legacy_authority=legacy_authority_file(settings.home))
+    if writable:
+        keystore.key(NODE_AUTHORITY)
+    return keystore
+
+
+@contextmanager
+def open_keystore(settings: Settings) -> Iterator[Keystore]:
+    """The node's keystore alone (master key, database, schema), without building the node:
+    for commands that only need keys (``teleledger keys``, ``teleledger chain``)."""
+    settings.check()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    master = load_master_key(settings)
+    engine = make_engine(settings.sqlalchemy_url, sqlite_synchronous=settings.sqlite_synchronous)
+    try:
+        schema_state(engine)
+        migrate(engine)
+        yield _keystore(settings, engine, master)
+    finally:
+        engine.dispose()
 
 
 def _witnesses(settings: Settings) -> list[CosignatureVerifier]:
@@ -115,7 +161,22 @@ def build(settings: Settings, *, migrate_schema: bool = True) -> Node:
                          ttl=timedelta(seconds=settings.token_ttl_seconds), now=_utcnow)
     verifier = TokenVerifier([node_key.public_key()], issuer=settings.public_url,
                              audience=settings.public_url + "/fhir", now=_utcnow)
-    return Node(settings, engine, master, records, BundleProcessor(records), Accounts(engine, hasher), issuer, verifier,
-                node_key, log, auditor,
+    keystore = _keystore(settings, engine, master, writable=migrate_schema)
+    # start-up checks of the chain (wrong chain id, unreachable node, missing contracts) happen here
+    chain = open_runtime(settings, engine, keystore, log) if settings.chain_enabled else None
+    consents = ConsentIndex()
+    records.grants = consents
+    consent_service = ConsentService(
+        engine=engine, records=records, keystore=keystore, chain=chain, index=consents, auditor=auditor,
+        pseudonym_key=master.derive("teleledger consent patient pseudonym v1"),
+        grantee_key=master.derive("teleledger consent grantee v1"),
+        default=DefaultPolicy(break_glass_ttl=timedelta(hours=settings.break_glass_hours)),
+    )
+    if migrate_schema:
+        consent_service.rebuild()  # the consent state from the chain events stored so far
+    return Node(settings, engine, master, records, BundleProcessor(records), Accounts(engine, hasher, keystore=keystore),
+                issuer, verifier, node_key, log, auditor,
                 AuditEventService(engine, base_url=settings.public_url, observer=settings.node_name,
-                                  default_count=settings.default_page_size, max_count=settings.max_page_size))
+                                  default_count=settings.default_page_size, max_count=settings.max_page_size),
+                keystore=keystore, chain=chain, consents=consents, consent_service=consent_service,
+                scheduling=Scheduling(records, engine))

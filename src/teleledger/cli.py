@@ -18,6 +18,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from teleledger.cli_chain import register as register_chain
+from teleledger.cli_consent import register as register_consent
+from teleledger.cli_keys import register as register_keys
 from teleledger.cli_verify import register as register_verify
 from teleledger.cli_witness import register as register_witness
 from teleledger.config import Settings
@@ -32,6 +34,8 @@ app.add_typer(clients_app, name="clients")
 register_witness(app)
 register_verify(app)
 register_chain(app)
+register_keys(app)
+register_consent(app)
 # soft_wrap: an error message stays on one line when stderr is not a terminal
 console = Console(stderr=True, soft_wrap=True)
 

@@ -8,14 +8,14 @@ Mode: ``TELELEDGER_CHAIN_URL`` set = an external JSON-RPC node; unset = the embe
 ``status`` prints JSON ``{chain_id, block_number, mode, contracts}`` on stdout and exits 1 (with
 what to do, on stderr) when the recorded contracts are not on that chain.
 
-Settings come from ``teleledger.config.Settings``; the authority key is a 0600 file for now and
-moves into the encrypted keystore later.
+Settings come from ``teleledger.config.Settings``. The node's authority key (the embedded chain's
+sealer and the deployer) is ``node:authority`` in the encrypted keystore (``identity.keystore``);
+a ``<home>/chain/authority.key`` file left by earlier versions is imported into it on first use.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
@@ -24,13 +24,11 @@ from pydantic import ValidationError
 from rich.markup import escape
 
 from teleledger.config import Settings
-from teleledger.core.crypto import secret_file
 from teleledger.core.errors import TeleledgerError
 
-__all__ = ["authority_key", "open_chain", "register"]
+__all__ = ["register"]
 
 console = Console(stderr=True, soft_wrap=True)
-AUTHORITY_KEY_FILE = "authority.key"
 
 
 def _settings() -> Settings:
@@ -40,28 +38,6 @@ def _settings() -> Settings:
         first = exc.errors()[0]
         _fail(f"bad setting TELELEDGER_{'_'.join(str(p) for p in first['loc']).upper()}: {first['msg']}")
         raise  # unreachable
-
-
-def authority_key(home: Path) -> Any:
-    """The node's secp256k1 authority/operator key: 32 bytes, base64, in ``<home>/chain/authority.key``.
-
-    Created with mode 0600 on first use. Temporary: it moves into the encrypted keystore
-    (``identity/keystore``) — do not build on this file's format.
-    """
-    from eth_keys import keys
-
-    return keys.PrivateKey(secret_file(home / "chain" / AUTHORITY_KEY_FILE, create=True, what="chain authority key"))
-
-
-def open_chain(home: Path, url: str | None = None, *, expected_chain_id: int | None = None) -> Any:
-    """The configured ``ChainClient``: external when ``url`` is given, embedded in ``<home>/chain`` otherwise."""
-    if url:
-        from teleledger.ledger.chain.rpc import JsonRpcChain
-
-        return JsonRpcChain(url, expected_chain_id)
-    from teleledger.ledger.chain.embedded import DEFAULT_CHAIN_ID, EmbeddedChain
-
-    return EmbeddedChain(home / "chain", authority_key(home), chain_id=expected_chain_id or DEFAULT_CHAIN_ID)
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -84,17 +60,22 @@ def register(app: typer.Typer) -> None:
         quorum: Annotated[int, typer.Option(help="admin approvals needed for governance changes")] = 1,
     ) -> None:
         """Deploy the contracts (signed by the node's authority key) and record their addresses."""
+        from teleledger.bootstrap import open_keystore
+        from teleledger.identity.keystore import NODE_AUTHORITY
         from teleledger.ledger.chain.deploy import addresses_path, deploy_all, save_addresses
+        from teleledger.ledger.chain.runtime import open_chain_client
 
         settings = _settings()
         home = settings.home
         client = None
         try:
-            client = open_chain(home, settings.chain_url or None)
-            key = authority_key(home)
+            with open_keystore(settings) as keystore:
+                key = keystore.key(NODE_AUTHORITY)
+                client = open_chain_client(settings, keystore)
             admins = admin or [key.public_key.to_checksum_address()]
+            first_block = client.block_number()
             addresses = deploy_all(client, key, admins, quorum)
-            save_addresses(addresses_path(home), client.chain_id(), addresses)
+            save_addresses(addresses_path(home), client.chain_id(), addresses, deployed_block=first_block)
             print(json.dumps(_status(client, addresses), indent=2, sort_keys=True))
         except TeleledgerError as exc:
             _fail(exc.message)
@@ -107,14 +88,17 @@ def register(app: typer.Typer) -> None:
     @chain_app.command("status")
     def status() -> None:
         """Print the chain's id, head block, mode and recorded contracts as JSON."""
+        from teleledger.bootstrap import open_keystore
         from teleledger.ledger.chain.deploy import addresses_path, check_deployment, load_addresses
+        from teleledger.ledger.chain.runtime import open_chain_client
 
         settings = _settings()
         home = settings.home
         recorded_chain_id, contracts = load_addresses(addresses_path(home))
         client = None
         try:
-            client = open_chain(home, settings.chain_url or None)
+            with open_keystore(settings) as keystore:  # the embedded chain opens with its sealer's key
+                client = open_chain_client(settings, keystore)
             print(json.dumps(_status(client, contracts), indent=2, sort_keys=True))
             if contracts:
                 check_deployment(client, contracts, chain_id=recorded_chain_id)

@@ -4,6 +4,11 @@ Exit status: 0 nothing tampered; 1 findings (a table names each one: what, which
 row); 2 nothing could be verified (not a teleledger database, a newer schema, no master key…),
 always as a one-line message, never a traceback. Read-only: it never migrates, never creates a
 key, and never integrates queued log entries unless ``--flush`` asks it to.
+
+With a chain configured (``TELELEDGER_CHAIN_ENABLED``, the default), the anchors of this log's
+origin are read from the AnchorRegistry contract first (read-only: the chain is opened without
+deploying or registering anything) and checked against the log (``records.verify`` step 7); a
+chain that cannot be read is exit status 2 (``TELELEDGER_CHAIN_ENABLED=false`` skips the check).
 """
 
 from __future__ import annotations
@@ -56,15 +61,16 @@ def verify(
     access record against it, and name every row that was tampered with."""
     err = Console(stderr=True)
     out = Console()
-    node = _open_node(err)
+    node, settings = _open_node(err)
     try:
+        anchors, why_not = _anchors(err, settings, node)
         if flush:
             try:
                 node.log.flush()
             except TeleledgerError as exc:
                 _fail(err, f"cannot integrate the queued entries: {exc.message} "
                            "(run verify without --flush to locate the damage)")
-        report = _run(node, err)
+        report = _run(node, err, anchors)
     except SQLAlchemyError as exc:
         # the driver's own message only: SQLAlchemy's text would carry statement parameters
         _fail(err, "the database could not be read: "
@@ -73,6 +79,8 @@ def verify(
         node.log.close()
         node.close()
     _summary(out, report, max_rows)
+    if why_not:
+        out.print(f"note: {why_not}", highlight=False, soft_wrap=True)
     if report.findings:
         raise typer.Exit(FOUND)
 
@@ -82,8 +90,9 @@ def _fail(err: Console, message: str) -> NoReturn:
     raise typer.Exit(CANNOT_VERIFY)
 
 
-def _open_node(err: Console) -> Node:
-    """Build the node on an existing teleledger database without touching it."""
+def _open_node(err: Console) -> tuple[Node, Settings]:
+    """Build the node on an existing teleledger database without touching it (the chain is not
+    opened here: ``_anchors`` reads it without writing)."""
     from teleledger.bootstrap import build
     from teleledger.core.crypto import DecryptionError
     from teleledger.storage.db import get_meta, make_engine, schema_state
@@ -115,7 +124,7 @@ def _open_node(err: Console) -> Node:
                                "database, or its node_meta table was emptied")
         finally:
             engine.dispose()
-        return build(settings, migrate_schema=False)
+        return build(settings.model_copy(update={"chain_enabled": False}), migrate_schema=False), settings
     except DecryptionError:
         _fail(err, "the master key does not open this database's node secrets "
                    "(wrong TELELEDGER_MASTER_KEY or master.key?)")
@@ -125,7 +134,21 @@ def _open_node(err: Console) -> Node:
         _fail(err, f"cannot open the database: {getattr(exc, 'orig', None) or type(exc).__name__}")
 
 
-def _run(node: Node, err: Console) -> Report:
+def _anchors(err: Console, settings: Settings, node: Node) -> tuple[list | None, str | None]:
+    """The chain's anchors of the log's origin, read before the database snapshot (see
+    ``verify_node``); exit 2 when a configured chain cannot be read."""
+    from teleledger.core.crypto import DecryptionError
+    from teleledger.ledger.chain.runtime import read_anchors
+
+    try:
+        return read_anchors(settings, node.keystore, node.log.origin)
+    except DecryptionError:
+        _fail(err, "the master key does not open the chain authority key (wrong TELELEDGER_MASTER_KEY?)")
+    except TeleledgerError as exc:
+        _fail(err, f"{exc.message} (TELELEDGER_CHAIN_ENABLED=false verifies without the chain)")
+
+
+def _run(node: Node, err: Console, anchors: list | None = None) -> Report:
     from teleledger.records.verify import verify_node
 
     tasks: dict[str, TaskID] = {}
@@ -136,14 +159,15 @@ def _run(node: Node, err: Console) -> Report:
                 tasks[phase] = bars.add_task(phase, total=total)
             bars.update(tasks[phase], completed=done, total=total)
 
-        return verify_node(node, progress=progress, clock=time.perf_counter)
+        return verify_node(node, progress=progress, clock=time.perf_counter, anchors=anchors)
 
 
 def _summary(out: Console, report: Report, max_rows: int) -> None:
     out.print(
         f"checked {report.entries:,} log entries ({report.queued:,} queued), {report.nodes:,} tree "
         f"nodes, {report.checkpoints:,} checkpoints, {report.versions:,} resource versions, "
-        f"{report.resources:,} resources, {report.access_events:,} access events in "
+        f"{report.resources:,} resources, {report.access_events:,} access events, "
+        f"{report.anchors:,} chain anchors in "
         f"{report.elapsed:.1f} s", highlight=False, soft_wrap=True)
     out.print(f"tree size {report.tree_size:,}, root {report.root_hash.hex()}", highlight=False,
               soft_wrap=True)

@@ -16,6 +16,7 @@ from teleledger.bootstrap import Node
 from teleledger.identity.scopes import ScopeSet
 from teleledger.policy.model import Principal
 from teleledger.records.importer import ImportReport, Importer
+from teleledger.visits import availability as av
 
 DEMO_PATIENT = "6a4160eb-a793-2f86-2302-378626f46cce"
 SAMPLES = Path(__file__).resolve().parents[2] / "samples" / "synthea-10"
@@ -72,4 +73,31 @@ def create_accounts(node: Node) -> list[DemoAccount]:
                 patient=a.link if a.role == "patient" else None,
                 practitioner=a.link if a.role == "practitioner" else None,
             )
+    _demo_chain_members(node)
+    doctor = next(a for a in accounts if a.username == "doctor")
+    publish_demo_availability(node, str(doctor.link).removeprefix("Practitioner/"))
     return accounts
+
+
+def _demo_chain_members(node: Node) -> None:
+    """The demo doctor prescribes and the demo pharmacist dispenses on the node's chain: ask the
+    ParticipantRegistry for their roles (sent when the server runs; idempotent)."""
+    from teleledger.ledger.chain import ROLE_PHARMACIST, ROLE_PRACTITIONER
+    from teleledger.prescriptions.service import PrescriptionService
+
+    service = PrescriptionService.for_node(node)
+    service.request_member("doctor", ROLE_PRACTITIONER)
+    service.request_member("pharmacist", ROLE_PHARMACIST)
+
+
+def publish_demo_availability(node: Node, practitioner_id: str) -> None:
+    """Give the demo doctor bookable video visits: weekdays 09:00-17:00 with a lunch break,
+    20-minute visits, Europe/Berlin. At every start the hours they have (perhaps changed in
+    "My availability") are published again, which keeps four weeks of free slots ahead."""
+    scheduling = node.scheduling
+    found = scheduling.availability(system_principal(), practitioner_id)
+    if found is None:
+        found = (av.weekly_hours_from_parts({d: ("09:00", "17:00", "12:00-13:00") for d in av.WEEKDAYS[:5]},
+                                            visit_minutes=20, timezone_name="Europe/Berlin"), 4)
+    hours, weeks = found
+    scheduling.publish(system_principal(), practitioner_id, hours, weeks=weeks)

@@ -6,7 +6,8 @@ and a non-zero exit. Foreign exceptions are translated at the boundary with ``ra
 
     TeleledgerError
     ├── InvalidInput            400  malformed JSON, bad parameter, invalid resource
-    │   └── Unprocessable       422  well-formed but breaks a business rule / profile
+    │   ├── Unprocessable       422  well-formed but breaks a business rule / profile
+    │   └── UnsupportedMediaType 415 a content type outside an allowlist (attachments)
     ├── Unauthenticated         401  no, expired or tampered credentials
     ├── Forbidden               403  authenticated but not allowed
     ├── NotFound                404
@@ -84,6 +85,11 @@ class PreconditionFailed(TeleledgerError):
 class PayloadTooLarge(TeleledgerError):
     status = 413
     issue_code = "too-costly"
+
+
+class UnsupportedMediaType(InvalidInput):
+    status = 415
+    issue_code = "not-supported"
 
 
 class ConfigurationError(TeleledgerError):

@@ -38,6 +38,7 @@ PATIENT_COMPARTMENT: Mapping[str, tuple[str, ...]] = MappingProxyType(
         "CareTeam": ("patient", "participant"),
         "Claim": ("patient", "payee"),
         "Communication": ("subject", "sender", "recipient"),
+        "Composition": ("subject", "author", "attester"),
         "Condition": ("patient", "asserter"),
         "Consent": ("patient",),
         "Coverage": ("policy-holder", "subscriber", "beneficiary", "payor"),

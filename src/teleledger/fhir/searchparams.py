@@ -737,6 +737,18 @@ _TABLE: tuple[tuple[str, str, ParamType, str, tuple[str, ...], bool], ...] = (
     ("Communication", "status", "token", "Communication.status", (), False),
     ("Communication", "category", "token", "Communication.category", (), False),
     ("Communication", "part-of", "reference", "Communication.partOf", (), False),
+    # Composition (signed clinical notes, visits.notes)
+    ("Composition", "patient", "reference", "Composition.subject", _P, False),
+    ("Composition", "subject", "reference", "Composition.subject", (), False),
+    ("Composition", "encounter", "reference", "Composition.encounter", ("Encounter",), False),
+    ("Composition", "author", "reference", "Composition.author", ("Practitioner", "PractitionerRole", "Device", "Patient", "RelatedPerson", "Organization"), False),
+    ("Composition", "attester", "reference", "Composition.attester.party", _PARTY, False),
+    ("Composition", "type", "token", "Composition.type", (), False),
+    ("Composition", "category", "token", "Composition.category", (), False),
+    ("Composition", "status", "token", "Composition.status", (), False),
+    ("Composition", "date", "date", "Composition.date", (), False),
+    ("Composition", "identifier", "token", "Composition.identifier", (), False),
+    ("Composition", "section", "token", "Composition.section.code", (), False),
     # CareTeam
     ("CareTeam", "patient", "reference", "CareTeam.subject", _P, False),
     ("CareTeam", "participant", "reference", "CareTeam.participant.member", (*_PARTY, "CareTeam"), False),
@@ -814,7 +826,10 @@ _TABLE: tuple[tuple[str, str, ParamType, str, tuple[str, ...], bool], ...] = (
     ("DiagnosticReport", "status", "token", "DiagnosticReport.status", (), False),
     ("DiagnosticReport", "category", "token", "DiagnosticReport.category", (), False),
     ("Provenance", "target", "reference", "Provenance.target", (), False),
-    ("Provenance", "patient", "reference", "Provenance.target", _P, False),
+    # R4's Provenance is in a compartment only when it targets the Patient itself; R5 added
+    # Provenance.patient, carried in R4 by its cross-version extension, so that the Provenance
+    # of a patient's signed note is that patient's data (visits.notes)
+    ("Provenance", "patient", "reference", "Provenance.target | Provenance.extension.where(url='http://hl7.org/fhir/5.0/StructureDefinition/extension-Provenance.patient').valueReference", _P, False),
     ("Provenance", "agent", "reference", "Provenance.agent.who", _WHO, False),
     ("Provenance", "recorded", "date", "Provenance.recorded", (), False),
 )

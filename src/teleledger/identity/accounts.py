@@ -10,6 +10,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError
@@ -19,6 +20,9 @@ from teleledger.identity.passwords import Hasher, check_password_policy
 from teleledger.identity.scopes import ROLE_SCOPES, ScopeSet, fhir_user
 from teleledger.storage import tables as t
 from teleledger.storage.db import UnitOfWork
+
+if TYPE_CHECKING:
+    from teleledger.identity.keystore import Keystore
 
 ROLES = ("patient", "practitioner", "pharmacist", "payer", "researcher", "admin")
 _USERNAME = re.compile(r"^[A-Za-z0-9._@-]{3,128}$")
@@ -55,9 +59,11 @@ def parse_link(ref: str | None, expected: str) -> str | None:
 
 
 class Accounts:
-    def __init__(self, engine: Engine, hasher: Hasher) -> None:
+    def __init__(self, engine: Engine, hasher: Hasher, *, keystore: Keystore | None = None) -> None:
         self.engine = engine
         self.hasher = hasher
+        # every account gets its secp256k1 key (key id ``user:<username>``) in the same commit
+        self.keystore = keystore
         # a real hash to compare against when the user does not exist, so both paths cost the same
         self._dummy = hasher.hash("not-a-real-password-0")
 
@@ -83,6 +89,8 @@ class Accounts:
                     id=account.id, username=username, password_hash=self.hasher.hash(password), role=role,
                     patient_id=patient_id, practitioner_id=practitioner_id, active=True, created=int(time.time()),
                 ))
+                if self.keystore is not None:
+                    self.keystore.ensure_in(uow.c, f"user:{username}")
                 uow.commit()
             except IntegrityError:
                 raise Conflict(f"username {username!r} is taken") from None

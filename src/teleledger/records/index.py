@@ -13,6 +13,13 @@ from datetime import datetime, timezone
 from teleledger.core.crypto import KeyedHash
 from teleledger.fhir import searchparams as sp
 from teleledger.fhir.query import normalize_string
+from teleledger.policy.sensitivity import classify
+
+#: the reserved ``idx_token`` parameter holding a version's sensitivity labels
+#: (``policy.sensitivity.classify``), so a search can apply a consent's label rules in SQL; the
+#: label is stored as a keyed hash like every token (a row saying "HIV" is itself sensitive)
+LABEL_PARAM = "_sensitivity"
+LABEL_SYSTEM = "urn:teleledger:sensitivity"
 
 # prefixes longer than this are not indexed: a prefix search longer than it is matched on the
 # exact term or after decryption
@@ -36,6 +43,11 @@ def year_range(low_us: int, high_us: int) -> tuple[int, int]:
 
 def token_hashes(h: KeyedHash, system: str | None, code: str) -> tuple[str, str, str]:
     return h.digest("c", code), h.digest("s", system or ""), h.digest("sc", system or "", code)
+
+
+def label_hashes(h: KeyedHash, label: str) -> tuple[str, str, str]:
+    """The ``idx_token`` hashes of one sensitivity label row (``LABEL_PARAM``)."""
+    return token_hashes(h, LABEL_SYSTEM, label)
 
 
 def string_terms(h: KeyedHash, value: str) -> set[str]:
@@ -79,6 +91,8 @@ def build_rows(resource: dict, res_type: str, res_id: str, h: KeyedHash) -> dict
             rows["idx_quantity"].append(
                 (res_type, res_id, name, float(entry.value), entry.system or "", entry.code or entry.unit or "")
             )
+    for label in sorted(classify(resource)):
+        rows["idx_token"].append((res_type, res_id, LABEL_PARAM, *label_hashes(h, label)))
     # blind-index terms repeat across name parts: store each once
     if "idx_string_hash" in rows:
         rows["idx_string_hash"] = list({(r[2], r[3]): r for r in rows["idx_string_hash"]}.values())

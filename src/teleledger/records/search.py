@@ -17,7 +17,8 @@ from sqlalchemy import ColumnElement, and_, exists, false, func, literal, not_, 
 from teleledger.core.crypto import KeyedHash
 from teleledger.core.errors import InvalidInput
 from teleledger.fhir import query as fq
-from teleledger.records.index import MAX_PREFIX, token_hashes
+from teleledger.policy import model as pm
+from teleledger.records.index import LABEL_PARAM, MAX_PREFIX, token_hashes
 from teleledger.storage import tables as t
 
 R = t.resources
@@ -28,11 +29,15 @@ class Visibility:
     """What the caller may see, as the policy decided it (the store only applies it).
 
     kind: "all" | "compartments" (patient_ids) | "care_team" (practitioner_id) | "public" | "nothing"
+    | "consented" (``consented``: the policy's ``Consented`` filter; ``label_hash`` turns a
+    sensitivity label into the keyed hash its ``idx_token`` rows hold)
     """
 
     kind: str
     patient_ids: frozenset[str] = frozenset()
     practitioner_id: str | None = None
+    consented: pm.Consented | None = None
+    label_hash: Callable[[str], str] | None = None
 
 
 CARE_TYPES = ("Encounter", "Appointment", "CareTeam")
@@ -73,6 +78,9 @@ def visibility_clause(vis: Visibility, type_col, id_col) -> ColumnElement[bool]:
         patients = select(literal(1)).where(
             comp.c.res_type == type_col, comp.c.res_id == id_col, comp.c.patient_id.in_(sorted(vis.patient_ids))
         )
+    elif vis.kind == "consented":
+        assert vis.consented is not None and vis.label_hash is not None
+        return or_(public, _consented_clause(vis.consented, vis.label_hash, type_col, id_col))
     elif vis.kind == "care_team":
         assert vis.practitioner_id is not None
         patients = select(literal(1)).where(
@@ -83,6 +91,57 @@ def visibility_clause(vis: Visibility, type_col, id_col) -> ColumnElement[bool]:
     else:  # pragma: no cover - programming error
         raise ValueError(vis.kind)
     return or_(public, exists(patients))
+
+
+def _rule_clause(rule: pm.RowRule, label_hash: Callable[[str], str], type_col, id_col) -> ColumnElement[bool]:  # type: ignore[no-untyped-def]
+    """One ``policy.model`` row rule as SQL over the row's type and its label rows (the mapping
+    the ``RowRule`` comment in ``policy.model`` gives)."""
+    tok = t.idx_token
+
+    def labelled(extra=None):  # type: ignore[no-untyped-def]
+        # correlated with the row however deep the rule sits (inside the compartment subquery)
+        q = (select(literal(1)).where(tok.c.res_type == type_col, tok.c.res_id == id_col, tok.c.param == LABEL_PARAM)
+             .correlate_except(tok))
+        return exists(q if extra is None else q.where(extra))
+
+    if isinstance(rule, pm.TypeIn):
+        return type_col.in_(sorted(rule.types)) if rule.types else false()
+    if isinstance(rule, pm.AnyLabel):
+        hashes = [label_hash(label) for label in sorted(rule.labels)]
+        return labelled(tok.c.code_h.in_(hashes)) if hashes else false()
+    if isinstance(rule, pm.OnlyLabels):
+        hashes = [label_hash(label) for label in sorted(rule.labels)]
+        return and_(labelled(), not_(labelled(tok.c.code_h.not_in(hashes)))) if hashes else false()
+    if isinstance(rule, pm.Not):
+        return not_(_rule_clause(rule.rule, label_hash, type_col, id_col))
+    if isinstance(rule, pm.AllOf):
+        return and_(true(), *[_rule_clause(r, label_hash, type_col, id_col) for r in rule.rules])
+    if isinstance(rule, pm.AnyOf):
+        return or_(false(), *[_rule_clause(r, label_hash, type_col, id_col) for r in rule.rules])
+    raise TypeError(f"not a row rule: {rule!r}")  # pragma: no cover - programming error
+
+
+def _consented_clause(f: pm.Consented, label_hash: Callable[[str], str], type_col, id_col) -> ColumnElement[bool]:  # type: ignore[no-untyped-def]
+    """``Consented`` (policy.model) for rows in a compartment: the patient's own record, or no
+    compartment patient who is not allowed (break-glass, or no deny and care or a permit)."""
+    comp = t.resource_compartments
+    other = comp.alias("consent_comp")
+    p = other.c.patient_id
+
+    def groups(gs: pm.PatientGroups) -> ColumnElement[bool]:
+        return or_(false(), *[and_(p.in_(sorted(ps)), _rule_clause(rule, label_hash, type_col, id_col))
+                              for ps, rule in gs])
+
+    care = p.in_(care_patients_subquery(f.care_team_of)) if f.care_team_of is not None else false()
+    glass = p.in_(sorted(f.break_glass)) if f.break_glass else false()
+    allowed = or_(glass, and_(not_(groups(f.denies)), or_(care, groups(f.permits))))
+    everyone = not_(exists(select(literal(1)).where(other.c.res_type == type_col, other.c.res_id == id_col,
+                                                    not_(allowed))))
+    if f.own_patient_id is None:
+        return everyone
+    own = exists(select(literal(1)).where(comp.c.res_type == type_col, comp.c.res_id == id_col,
+                                          comp.c.patient_id == f.own_patient_id))
+    return or_(own, everyone)
 
 
 @dataclass

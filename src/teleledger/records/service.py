@@ -11,7 +11,7 @@ types, 404 when the resource's existence itself would leak, see ``_deny``).
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode
 
@@ -31,7 +31,9 @@ from teleledger.fhir import searchparams as sp
 from teleledger.fhir.outcome import outcome
 from teleledger.fhir.validation import validate
 from teleledger.policy import decide as policy
-from teleledger.policy.model import AccessRequest, Decision, Principal
+from teleledger.policy.model import NO_GRANTS, AccessRequest, Consented, Decision, Grants, Principal
+from teleledger.policy.model import matches as filter_matches
+from teleledger.policy.sensitivity import classify
 from teleledger.records.search import (
     CARE_PARAMS,
     CARE_TYPES,
@@ -42,12 +44,24 @@ from teleledger.records.search import (
     visibility_clause,
 )
 from teleledger.records.audit import Auditor, Touched, touched
+from teleledger.records.index import label_hashes
 from teleledger.records.store import ResourceStore, Stored, instant
 from teleledger.storage import tables as t
 from teleledger.storage.db import UnitOfWork
 
 # a search whose exact match needs decryption may scan at most this many candidates
 MAX_POST_FILTER = 20_000
+
+#: ``guard(conn, principal, res_type, res_id, before, after)``: see ``RecordsService.add_write_guard``
+WriteGuard = Callable[[Connection, Principal, str, str | None, dict | None, dict | None], None]
+
+
+def _basis(decision: Decision | None) -> str:
+    """What an allowed access event records beyond "allowed": the consent or break-glass claim
+    it rests on (``break-glass`` marks a BTG access), nothing for the fixed rules."""
+    if decision is None or decision.basis is None:
+        return ""
+    return f"{decision.reason}:{decision.basis}"[:64]  # the width of access_events.reason
 
 
 class AccessDenied(Forbidden):
@@ -103,9 +117,12 @@ class Settings:
     max_count: int = 1000
 
 
-def visibility_for(principal: Principal) -> Visibility:
-    f = policy.search_filter(principal)
+def visibility_for(principal: Principal, grants: Grants = NO_GRANTS,
+                   label_hash: Callable[[str], str] | None = None) -> Visibility:
+    f = policy.search_filter(principal, grants)  # type: ignore[arg-type]
     name = type(f).__name__
+    if isinstance(f, Consented):
+        return Visibility("consented", consented=f, label_hash=label_hash)
     if name == "All":
         return Visibility("all")
     if name == "Compartments":
@@ -125,14 +142,57 @@ class RecordsService:
         self.sql = search
         self.settings = settings
         self.auditor = auditor
+        self._guards: dict[str, dict[str, WriteGuard]] = {}
+        #: the consent state every decision consults (``policy.consent_index.ConsentIndex``, set
+        #: by ``bootstrap``); the default knows no consents
+        self.grants: Grants = NO_GRANTS
+
+    def _label_hash(self, label: str) -> str:
+        return label_hashes(self.sql.h, label)[0]
+
+    def visibility(self, principal: Principal) -> Visibility:
+        """What ``principal``'s searches may return, as the policy decided it, for the store."""
+        return visibility_for(principal, self.grants, self._label_hash)
+
+    # ---- write guards -----------------------------------------------------------------------
+
+    def add_write_guard(self, name: str, resource_types: Iterable[str], guard: WriteGuard) -> None:
+        """Let another package keep an invariant over writes that the policy cannot judge from
+        the resource alone (``visits.scheduling``: an Appointment holding a Slot must be the one
+        that Slot's booking row names, so no write path can book around the guarantee against
+        double booking).
+
+        The guard runs for every create, update and delete of ``resource_types`` through this
+        service (FHIR API, Bundles, imports through ``check_write_in``, other use cases) inside the
+        writer's unit of work, after the policy allowed the write and before the store makes it:
+        ``before`` is the current content (None for a create, or when unknown on import),
+        ``after`` the new content (None for a delete), ``res_id`` None when the store will pick
+        the id. Raising a ``TeleledgerError`` refuses the write. Registering a name again
+        replaces that guard."""
+        for rt in resource_types:
+            self._guards.setdefault(rt, {})[name] = guard
+
+    def _guard(self, c: Connection, principal: Principal, res_type: str, res_id: str | None,
+               before: dict | None, after: dict | None) -> None:
+        guards = self._guards.get(res_type)
+        if guards:
+            for guard in guards.values():
+                guard(c, principal, res_type, res_id, before, after)
 
     # ---- authorization ----------------------------------------------------------------------
 
     def _decide(self, conn: Connection, principal: Principal, action: str, resource_type: str, patients, *,
-                establishes_care: bool = False, practitioners: frozenset[str] = frozenset()) -> Decision:  # type: ignore[no-untyped-def]
+                establishes_care: bool = False, practitioners: frozenset[str] = frozenset(),
+                body: dict | None = None) -> Decision:  # type: ignore[no-untyped-def]
+        # the resource's sensitivity labels, so a consent about mental-health or HIV data decides
+        labels = classify(body) if body is not None and patients else frozenset()
         req = AccessRequest(action=action, resource_type=resource_type, patient_ids=frozenset(patients),
-                            establishes_care=establishes_care, practitioner_ids=practitioners)
-        return policy.decide(principal, req, SqlCareRelationships(conn))
+                            establishes_care=establishes_care, practitioner_ids=practitioners, labels=labels)
+        return policy.decide(principal, req, SqlCareRelationships(conn), self.grants)
+
+    def _decide_on(self, conn: Connection, principal: Principal, action: str, s: Stored) -> Decision:
+        body = s.body or {}
+        return self._decide(conn, principal, action, s.res_type, compartment.patient_ids(body), body=body)
 
     @staticmethod
     def _deny(decision: Decision, what: str, *, action: str = "read", patients=frozenset()) -> None:  # type: ignore[no-untyped-def]
@@ -151,9 +211,10 @@ class RecordsService:
             uow.commit()
 
     def _accessed(self, c: Connection, principal: Principal, action: str, stored_list, *,  # type: ignore[no-untyped-def]
-                  patients=()) -> None:  # type: ignore[no-untyped-def]
+                  patients=(), decision: Decision | None = None) -> None:  # type: ignore[no-untyped-def]
         if self.auditor is not None:
-            self.auditor.access(c, principal, action, touched(stored_list), patients=patients)
+            self.auditor.access(c, principal, action, touched(stored_list), patients=patients,
+                                reason=_basis(decision))
 
     def _establishes_care(self, principal: Principal, resource: dict) -> bool:
         if resource.get("resourceType") not in CARE_TYPES or not principal.practitioner_id:
@@ -170,6 +231,7 @@ class RecordsService:
 
     def check_write_in(self, conn: Connection, principal: Principal, action: str, resource: dict) -> None:
         self._check_write(conn, principal, action, resource)
+        self._guard(conn, principal, resource["resourceType"], resource.get("id"), None, resource)
 
     @staticmethod
     def _owning_practitioners(resource: dict) -> frozenset[str]:
@@ -186,7 +248,7 @@ class RecordsService:
         rt = resource["resourceType"]
         patients = compartment.patient_ids(resource)
         d = self._decide(conn, principal, action, rt, patients, establishes_care=self._establishes_care(principal, resource),
-                         practitioners=self._owning_practitioners(resource))
+                         practitioners=self._owning_practitioners(resource), body=resource)
         self._deny(d, f"{action} {rt}", action=action, patients=patients)
 
     # ---- instance interactions --------------------------------------------------------------
@@ -217,6 +279,7 @@ class RecordsService:
                 self._accessed(c, principal, "read", matches[:1])
                 return matches[0], False
         self._check_write(c, principal, "create", resource)
+        self._guard(c, principal, rt, res_id, None, resource)
         resource = dict(resource)
         resource.pop("id", None)
         stored = self.store.create(c, resource, res_id=res_id)
@@ -236,17 +299,18 @@ class RecordsService:
         """vread (https://hl7.org/fhir/R4/http.html#vread)."""
         with UnitOfWork(self.engine) as uow:
             stored = self.store.vread(uow.c, res_type, res_id, version)
-            self._check_read(uow.c, principal, "vread", stored)
-            self._accessed(uow.c, principal, "vread", [stored])
+            d = self._check_read(uow.c, principal, "vread", stored)
+            self._accessed(uow.c, principal, "vread", [stored], decision=d)
             uow.commit()
         return stored
 
     def _check_read(self, conn: Connection, principal: Principal, action: str, stored: Stored, *,
-                    log_action: str | None = None) -> None:
+                    log_action: str | None = None) -> Decision:
         assert stored.body is not None
         patients = compartment.patient_ids(stored.body)
-        d = self._decide(conn, principal, action, stored.res_type, patients)
+        d = self._decide(conn, principal, action, stored.res_type, patients, body=stored.body)
         self._deny(d, f"{stored.res_type}/{stored.res_id}", action=log_action or action, patients=patients)
+        return d
 
     @audited
     def update(self, principal: Principal, res_type: str, res_id: str, resource: object, *,
@@ -272,6 +336,7 @@ class RecordsService:
             # both the old and the new content must be writable by this principal
             self._check_write(c, principal, "update", current.body)
         self._check_write(c, principal, "update", resource)
+        self._guard(c, principal, res_type, res_id, current.body if current is not None else None, resource)
         stored, created = self.store.update(c, dict(resource), res_id, if_match=if_match, current=current)
         self._accessed(c, principal, "create" if created else "update", [stored])
         return stored, created
@@ -289,6 +354,7 @@ class RecordsService:
         current = self.store.current(c, res_type, res_id, for_update=True)
         if current is not None and current.body is not None:
             self._check_write(c, principal, "delete", current.body)
+            self._guard(c, principal, res_type, res_id, current.body, None)
             patients = compartment.patient_ids(current.body)
         else:
             self._deny(self._decide(c, principal, "delete", res_type, frozenset()), f"delete {res_type}",
@@ -305,8 +371,8 @@ class RecordsService:
 
     def read_in(self, c: Connection, principal: Principal, res_type: str, res_id: str) -> Stored:
         stored = self.store.read(c, res_type, res_id)
-        self._check_read(c, principal, "read", stored)
-        self._accessed(c, principal, "read", [stored])
+        d = self._check_read(c, principal, "read", stored)
+        self._accessed(c, principal, "read", [stored], decision=d)
         return stored
 
     # ---- search -----------------------------------------------------------------------------
@@ -320,6 +386,18 @@ class RecordsService:
             raise PreconditionFailed(f"conditional reference {ref} matched {len(matches)} resources; "
                                      "it must match exactly one")
         return f"{rt}/{matches[0].res_id}"
+
+    def search_in(self, c: Connection, principal: Principal, res_type: str,
+                  items: Sequence[tuple[str, str]]) -> list[Stored]:
+        """The current resources a search matches (one page: ``_count``, at most ``max_count``),
+        inside the caller's unit of work, for use cases that must read and write in one
+        transaction; recorded as a search like ``search``. No Bundle, no includes."""
+        ps = fq.parse_search(res_type, items, strict=True, max_count=self.settings.max_count,
+                             default_count=self.settings.default_count)
+        count = ps.count if ps.count is not None else self.settings.default_count
+        _, page, _ = self._run_search(c, principal, ps, limit=count, offset=ps.offset)
+        self._accessed(c, principal, "search", page)
+        return page
 
     def _conditional_matches(self, conn: Connection, principal: Principal, rt: str, query: str) -> list[Stored]:
         if not isinstance(query, str):
@@ -335,7 +413,7 @@ class RecordsService:
                     offset: int) -> tuple[int, list[Stored], bool]:
         d = self._decide(conn, principal, "search", ps.resource_type, frozenset())
         self._deny(d, f"search {ps.resource_type}", action="search")
-        vis = visibility_for(principal)
+        vis = self.visibility(principal)
         plan = self.sql.plan(ps)
         where = [R.c.res_type == ps.resource_type, R.c.deleted.is_(False), *plan.where,
                  visibility_clause(vis, R.c.res_type, R.c.res_id)]
@@ -346,7 +424,7 @@ class RecordsService:
             ids = conn.execute(select(R.c.res_id).where(*where).order_by(*plan.order_by).limit(limit).offset(offset)).scalars().all()
             loaded = self.store.load_current(conn, [(ps.resource_type, i) for i in ids])
             page = [loaded[(ps.resource_type, i)] for i in ids if (ps.resource_type, i) in loaded]
-            return total, page, False
+            return total, self._recheck(conn, vis, page), False
         ids = conn.execute(select(R.c.res_id).where(*where).order_by(*plan.order_by).limit(MAX_POST_FILTER + 1)).scalars().all()
         if len(ids) > MAX_POST_FILTER:
             raise PayloadTooLarge(
@@ -355,7 +433,19 @@ class RecordsService:
             )
         loaded = self.store.load_current(conn, [(ps.resource_type, i) for i in ids])
         matched = [s for i in ids if (s := loaded.get((ps.resource_type, i))) and self._post_ok(s.body, plan.post)]
+        matched = self._recheck(conn, vis, matched)
         return len(matched), matched[offset : offset + limit], True
+
+    @staticmethod
+    def _recheck(conn: Connection, vis: Visibility, rows: list[Stored]) -> list[Stored]:
+        """Every row a consent-filtered search returns, checked again with the policy's pure
+        definition of the filter (``policy.model.matches``): the SQL of ``visibility_clause``
+        is an optimization of it, never the last word."""
+        if vis.consented is None:
+            return rows
+        care = SqlCareRelationships(conn)
+        return [s for s in rows if s.body is not None and filter_matches(
+            vis.consented, compartment.patient_ids(s.body), s.res_type, classify(s.body), care=care)]
 
     @staticmethod
     def _post_ok(body: dict | None, conds: Sequence[fq.Condition]) -> bool:
@@ -429,7 +519,7 @@ class RecordsService:
             if s is None:
                 continue
             # every included resource passes the same decision point as a direct read
-            if self._decide(conn, principal, "read", s.res_type, compartment.patient_ids(s.body or {})).allowed:
+            if self._decide_on(conn, principal, "read", s).allowed:
                 out.append(s)
         return out
 
@@ -499,7 +589,7 @@ class RecordsService:
             else:
                 self._deny(self._decide(c, principal, "history", res_type, frozenset()), f"history of {res_type}",
                            action="history")
-                vis = visibility_for(principal)
+                vis = self.visibility(principal)
                 if vis.kind == "all":
                     total, versions = self.store.history(c, res_type, None, since=since, count=count, offset=offset)
                 else:
@@ -540,7 +630,7 @@ class RecordsService:
                     body = None
             if body is None:
                 continue
-            if self._decide(c, principal, "vread", v.res_type, compartment.patient_ids(body)).allowed:
+            if self._decide(c, principal, "vread", v.res_type, compartment.patient_ids(body), body=body).allowed:
                 out.append(v)
         return out
 
@@ -570,7 +660,7 @@ class RecordsService:
             extra = self.store.load_current(c, [tuple(r) for r in c.execute(refs)])  # type: ignore[misc]
             allowed = []
             for s in out + list(extra.values()):
-                d = self._decide(c, principal, "read", s.res_type, compartment.patient_ids(s.body or {}))
+                d = self._decide_on(c, principal, "read", s)
                 if d.allowed:
                     allowed.append(s)
             self._accessed(c, principal, "everything", allowed)

@@ -40,6 +40,13 @@ What is checked, in order
 6. **Access events** (``access_events``): each row re-encodes (with the log key) to exactly its
    ``leaf_hash`` and that leaf is in the log or the queue; access entries of the log that no
    row mirrors are reported (a deleted audit record).
+7. **Chain anchors** (when the caller passes the anchors of this log's origin, read from the
+   AnchorRegistry contract — ``ledger.chain.anchoring.chain_anchors``): each anchored (tree
+   size, root) must be a stored checkpoint whose signed note commits to that root, and the
+   log as stored now must extend it: a consistency proof from the anchored size to the
+   recomputed tree, built from the stored nodes, must verify against the anchored root. An
+   anchor beyond the stored tree means leaves were removed — even when the rest of the log was
+   rewritten consistently, which no check of the database alone can see.
 
 Finding kinds (``Finding.kind``; ``table`` and ``key`` name the row)
 --------------------------------------------------------------------
@@ -54,6 +61,7 @@ Finding kinds (``Finding.kind``; ``table`` and ``key`` name the row)
     resources          current-pointer
     data_keys          data-key-missing (the node key), data-key-undecryptable
     access_events      access-event-altered, access-event-unlogged, access-event-missing
+    AnchorRegistry     anchor-unmatched, anchor-root, anchor-inconsistent  (key: "#index size=N")
 
 Limits: a ``key_id`` rewritten to a patient key that does not exist looks like shredding (it is
 listed in ``Report.info``, with its count of versions, for a human to confirm); witness
@@ -90,6 +98,7 @@ from sqlalchemy.pool import NullPool
 
 from teleledger.core.crypto import DecryptionError
 from teleledger.core.errors import TeleledgerError
+from teleledger.ledger.chain.anchoring import AnchoredCheckpoint
 from teleledger.ledger.log import entry as log_entry
 from teleledger.ledger.log import merkle
 from teleledger.ledger.log.note import Checkpoint, NoteError, open_checkpoint, parse_note
@@ -147,6 +156,7 @@ class Report:
     versions: int = 0
     resources: int = 0
     access_events: int = 0
+    anchors: int = 0  # chain anchors checked
     tree_size: int = 0
     root_hash: bytes = merkle.EMPTY_ROOT
     elapsed: float = 0.0
@@ -179,13 +189,18 @@ def _entry_row(at: int) -> tuple[str, str]:
 
 
 def verify_node(node: Node, *, progress: Progress | None = None,
-                clock: Callable[[], float] = time.perf_counter, chunk: int = CHUNK) -> Report:
+                clock: Callable[[], float] = time.perf_counter, chunk: int = CHUNK,
+                anchors: Sequence[AnchoredCheckpoint] | None = None) -> Report:
     """Check the node's database end to end (see the module docstring); never raises for what
-    it finds — every problem is a ``Finding`` in the report."""
+    it finds — every problem is a ``Finding`` in the report. ``anchors``: the chain's anchors of
+    this log's origin, read *before* the call (so every checkpoint they name is already in the
+    snapshot); None skips step 7."""
     started = clock()
     with _snapshot(node.engine) as conn:
         run = _Run(node, conn, progress or _no_progress, chunk)
         run.log()
+        if anchors is not None:
+            run.anchored(anchors)
         run.queue()
         run.versions()
         run.current_pointers()
@@ -541,6 +556,37 @@ class _Run:
                       f"the log signed root {signed_root.hex()} for {size} leaves; the stored "
                       f"leaves give {computed.hex()}")
         return signed
+
+    # ------------------------------------------------------------------ chain anchors
+
+    def anchored(self, anchors: Sequence[AnchoredCheckpoint]) -> None:
+        """Step 7: every anchor is a signed checkpoint the stored log still extends."""
+        size_now, root_now = self.report.tree_size, self.report.root_hash
+        for anchor in anchors:
+            self.report.anchors += 1
+            key = f"#{anchor.index} size={anchor.tree_size}"
+            what = f"the chain anchors tree size {anchor.tree_size} with root {anchor.root_hash.hex()}"
+            row = self.c.execute(select(log_checkpoints.c.note).where(
+                log_checkpoints.c.size == anchor.tree_size)).first()
+            signed = None if row is None else self._open(row.note)
+            if signed is None or signed.size != anchor.tree_size:
+                self.find("anchor-unmatched", "AnchorRegistry", key,
+                          f"{what}, but the log holds no checkpoint of that size whose signature verifies")
+            elif signed.root_hash != anchor.root_hash:
+                self.find("anchor-root", "AnchorRegistry", key,
+                          f"{what}, but the log's signed checkpoint of that size has root "
+                          f"{signed.root_hash.hex()}")
+            if anchor.tree_size > size_now:
+                self.find("anchor-inconsistent", "AnchorRegistry", key,
+                          f"{what}, but the stored log rebuilds only {size_now} leaves: leaves were removed")
+                continue
+            try:
+                proof = merkle.consistency_proof(anchor.tree_size, size_now, SqlNodeReader(self.c))
+                merkle.verify_consistency(anchor.tree_size, size_now, anchor.root_hash, root_now, proof)
+            except merkle.ProofError as exc:
+                self.find("anchor-inconsistent", "AnchorRegistry", key,
+                          f"{what}; the stored log (size {size_now}, root {root_now.hex()}) is not consistent "
+                          f"with it: {exc.message}")
 
     # ------------------------------------------------------------------ queue
 

@@ -16,7 +16,17 @@ from teleledger.ledger.log.service import Sequencer
 from teleledger.web import errors
 from teleledger.web.api import auth, fhir, ledger
 from teleledger.web.api.instance import InstanceInteractions
-from teleledger.web.ui import pages
+from teleledger.web.api import signaling as visit_signaling
+from teleledger.web.api import visits as visit_scheduling
+from teleledger.web.ui import visits_pages
+from teleledger.web.ui import visit_room
+from teleledger.web.ui import explorer, pages
+from teleledger.web.api import notes as notes_api
+from teleledger.web.ui import notes_pages
+from teleledger.prescriptions.service import PrescriptionService
+from teleledger.web.ui import rx_pages
+from teleledger.web.api import consent as consent_api
+from teleledger.web.ui import consent_pages
 
 log = logging.getLogger("teleledger.web")
 
@@ -46,9 +56,13 @@ def create_app(node: Node, *, sequencer: bool = True) -> FastAPI:
                 task = asyncio.create_task(_sequence_on_loop(seq), name="teleledger-sequencer")
             else:
                 seq.start()
+        if node.chain is not None:
+            node.chain.start()  # outbox worker, indexer, anchorer: background threads
         try:
             yield
         finally:
+            if node.chain is not None:
+                node.chain.stop()
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -68,4 +82,21 @@ def create_app(node: Node, *, sequencer: bool = True) -> FastAPI:
     app.include_router(fhir.router)
     app.include_router(ledger.router)
     app.include_router(pages.router)
+    # the scheduling use cases (built by bootstrap, whose write guard keeps Appointments and
+    # Slots in step with slot_bookings for every writer)
+    app.state.scheduling = node.scheduling
+    # before the signaling router: its /api/visits/{appointment_id} would match /api/visits/slots
+    app.include_router(visit_scheduling.router)
+    app.include_router(visits_pages.router)
+    app.include_router(visit_signaling.router)
+    app.include_router(visit_room.router)
+    app.include_router(explorer.router)
+    app.include_router(notes_api.router)
+    app.include_router(notes_pages.router)
+    # e-prescriptions: made here, before the lifespan starts the indexer, so its projectors
+    # (MedicationRequest status follows Dispensed / PrescriptionCancelled) see every event
+    app.state.prescriptions = PrescriptionService.for_node(node)
+    app.include_router(rx_pages.router)
+    app.include_router(consent_api.router)
+    app.include_router(consent_pages.router)
     return app

@@ -497,7 +497,7 @@ BRIEF_TYPES = {
     "Condition", "AllergyIntolerance", "Immunization", "Procedure", "MedicationRequest", "MedicationDispense",
     "Medication", "DocumentReference", "Appointment", "Schedule", "Slot", "Communication", "CareTeam", "Consent",
     "AuditEvent", "Claim", "ExplanationOfBenefit", "ResearchStudy", "ResearchSubject", "RelatedPerson", "Device",
-    "DiagnosticReport", "Coverage", "Provenance",
+    "DiagnosticReport", "Coverage", "Provenance", "Composition",
 }  # fmt: skip
 
 
@@ -630,6 +630,11 @@ HANDMADE: tuple[dict, ...] = (
      "policyHolder": {"reference": "Patient/p1"}, "subscriber": {"reference": "Patient/p1"}},
     {"resourceType": "Provenance", "target": [{"reference": "Patient/p1"}], "recorded": "2024-06-01T10:00:00Z",
      "agent": [{"who": {"reference": "Practitioner/d1"}}]},
+    {"resourceType": "Composition", "status": "final", "subject": {"reference": "Patient/p1"}, "encounter": {"reference": "Encounter/e1"},
+     "author": [{"reference": "Practitioner/d1"}], "attester": [{"mode": "legal", "party": {"reference": "Practitioner/d1"}}],
+     "type": {"coding": [{"system": "http://loinc.org", "code": "11506-3"}]}, "category": [{"coding": [{"code": "clinical-note"}]}],
+     "date": "2024-06-01T10:30:00Z", "identifier": {"value": "note-1"}, "title": "Progress note",
+     "section": [{"title": "Plan", "code": {"coding": [{"system": "http://loinc.org", "code": "18776-5"}]}}]},
 )  # fmt: skip
 
 

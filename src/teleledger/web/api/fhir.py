@@ -16,6 +16,7 @@ from teleledger import __version__
 from teleledger.core.errors import InvalidInput, MethodNotAllowed, NotFound, PayloadTooLarge
 from teleledger.fhir import searchparams as sp
 from teleledger.fhir.validation import ID_PATTERN
+from teleledger.prescriptions.service import TOKEN_HEADER, PrescriptionService
 from teleledger.records.bundles import parse_etag
 from teleledger.records.store import Stored, instant
 from teleledger.web.deps import Ctx, NodeDep, in_place, in_thread
@@ -204,11 +205,49 @@ async def create(res_type: str, request: Request, node: NodeDep, who: Ctx) -> Re
     resource, raw = await read_json_text(request, node.settings.max_body_bytes)
     if isinstance(resource, dict) and resource.get("resourceType") != res_type:
         raise InvalidInput(f"resourceType {resource.get('resourceType')!r} in the body does not match {res_type!r} in the URL")
+    if res_type in PRESCRIPTION_TYPES and who.role == PRESCRIPTION_TYPES[res_type]:
+        return await _prescription_create(res_type, resource, request, node, who)
+    if _is_consent_write(res_type, who):
+        stored, _ = await in_thread(request, node.consent_service.grant, who, resource)
+        return _resource_response(node, stored, 201)
     if_none_exist = request.headers.get("if-none-exist")
     # a conditional create searches first: that may take long, so it takes a thread
     run = in_thread if if_none_exist else in_place
     stored, created = await run(request, node.records.create, who, resource, if_none_exist=if_none_exist, raw=raw)
     return _resource_response(node, stored, 201 if created else 200)
+
+
+# e-prescriptions (https://hl7.org/fhir/R4/medicationrequest.html, medicationdispense.html): the one
+# place where a create goes to ``prescriptions.service`` instead of the generic create. A
+# practitioner's MedicationRequest is issued (signed token, chain record); a pharmacist's
+# MedicationDispense is a dispense checked against the chain (409 OperationOutcome with the
+# contract's reason when refused). Other roles (a service importing history) keep the generic create.
+PRESCRIPTION_TYPES = {"MedicationRequest": "practitioner", "MedicationDispense": "pharmacist"}
+
+
+async def _prescription_create(res_type: str, resource: Any, request: Request, node, who) -> Response:  # type: ignore[no-untyped-def]
+    service = PrescriptionService.for_node(node)
+    if res_type == "MedicationRequest":
+        stored, token = await in_thread(request, service.issue_with_records, who, resource)
+        response = _resource_response(node, stored, 201)
+        response.headers[TOKEN_HEADER] = token
+        return response
+    if not isinstance(resource, dict):
+        raise InvalidInput("expected a MedicationDispense object")
+    refs = resource.get("authorizingPrescription") or []
+    prescription = refs[0].get("reference") if refs and isinstance(refs[0], dict) else None
+    token = request.headers.get(TOKEN_HEADER) or service.token_of(resource)
+    quantity = (resource.get("quantity") or {}).get("value") if isinstance(resource.get("quantity"), dict) else None
+    stored = await in_thread(request, service.dispense, who, quantity, token=token, prescription=prescription,
+                             resource=resource)
+    return _resource_response(node, stored, 201)
+
+
+# patient consent (https://hl7.org/fhir/R4/consent.html): the one place where Consent writes go to
+# ``policy.service`` (signed by the patient, recorded on chain, enforced from the chain's state)
+# instead of the generic interactions. A service principal (a trusted import) keeps the generic ones.
+def _is_consent_write(res_type: str, who) -> bool:  # type: ignore[no-untyped-def]
+    return res_type == "Consent" and who.role != "service"
 
 
 @router.get("/{res_type}/{res_id}")
@@ -227,6 +266,9 @@ async def update(res_type: str, res_id: str, request: Request, node: NodeDep, wh
     _check_type(res_type, write=True)
     _check_id(res_id, write=True)
     resource, raw = await read_json_text(request, node.settings.max_body_bytes)
+    if _is_consent_write(res_type, who):
+        stored, _ = await in_thread(request, node.consent_service.update, who, res_id, resource)
+        return _resource_response(node, stored)
     if_match = parse_etag(request.headers.get("if-match"))
     stored, created = await in_place(request, node.records.update, who, res_type, res_id, resource, if_match=if_match,
                                      raw=raw)
@@ -238,6 +280,9 @@ async def delete(res_type: str, res_id: str, request: Request, node: NodeDep, wh
     """delete (https://hl7.org/fhir/R4/http.html#delete)."""
     _check_type(res_type, write=True)
     _check_id(res_id)
+    if _is_consent_write(res_type, who):
+        stored, _ = await in_thread(request, node.consent_service.withdraw, who, res_id)
+        return Response(status_code=204, headers={"ETag": stored.etag} if stored else None)
     stored = await in_place(request, node.records.delete, who, res_type, res_id)
     headers = {"ETag": stored.etag} if stored else None
     return Response(status_code=204, headers=headers)

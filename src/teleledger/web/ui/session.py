@@ -18,6 +18,8 @@ This module must never say whether a username exists.
 
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 from typing import Annotated
 
@@ -32,7 +34,9 @@ from teleledger.web.deps import NodeDep
 
 COOKIE = "tl_session"
 #: where a signed-in person may be sent back to after signing in (never an arbitrary URL)
-NEXT_PAGES = ("/portal", "/portal/access-log")
+#: where sign-in may send the browser next: a path of this app's own page areas, never another
+#: host (``//evil`` or ``https://…`` do not match), so ``?next=`` cannot be an open redirect
+NEXT_PAGE = re.compile(r"^/(portal|console|visits|admin|pharmacy)(/[A-Za-z0-9._~\-/]*)?(\?[A-Za-z0-9=&._~\-%]*)?$")
 LOGIN_FAILED = "That username and password do not match an account. Check them and try again."
 
 router = APIRouter(tags=["ui"])
@@ -72,7 +76,7 @@ def render(request: Request, template: str, context: dict, *, status: int = 200,
 
 
 def _next_page(value: object) -> str:
-    return value if isinstance(value, str) and value in NEXT_PAGES else "/portal"
+    return value if isinstance(value, str) and len(value) < 512 and NEXT_PAGE.match(value) else "/portal"
 
 
 def _login_page(request: Request, *, username: str = "", error: str = "", next_page: str = "/portal",
