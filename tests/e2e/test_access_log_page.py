@@ -13,11 +13,7 @@ when TELELEDGER_REQUIRE_BROWSER=1. Screenshots go to test-artifacts/.
 from __future__ import annotations
 
 import base64
-import os
 import re
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,38 +22,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-ARTIFACTS = ROOT / "test-artifacts"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
-TELELEDGER = [sys.executable, "-m", "teleledger.cli"]
-SECRET = "service-secret-0123456789"
-PASSWORD = "correct-horse-battery"
-WAIT_MS = 15_000  # every browser wait is bounded by this
+from tests.e2e.harness import ARTIFACTS, PASSWORD, WAIT_MS, browser_or_skip, chromium, serve, wait_for
+
 DENIED = re.compile(r"\bdenied\b")
-
-
-def _browser_or_skip() -> None:
-    reason = None
-    if not CHROMIUM.exists():
-        reason = f"no Chromium at {CHROMIUM} (apt-get install chromium)"
-    else:
-        try:
-            import playwright.sync_api  # noqa: F401
-        except ImportError:
-            reason = "Playwright for Python is not installed (pip install -e '.[test]')"
-    if reason is None:
-        return
-    if os.environ.get("TELELEDGER_REQUIRE_BROWSER") == "1":
-        pytest.fail(f"TELELEDGER_REQUIRE_BROWSER=1 but {reason}")
-    pytest.skip(f"browser end-to-end tests: {reason}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -68,26 +35,6 @@ class Site:
     events: list[dict]  # the patient's AuditEvents, newest first, as the API returns them
     checkpoint_size: int
     log: Path
-
-
-def _cli(env: dict, *args: str) -> None:
-    r = subprocess.run([*TELELEDGER, *args], env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, f"teleledger {' '.join(args[:2])} failed: {r.stderr}"
-
-
-def _wait_for(what: str, check, timeout: float, log: Path):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            result = check()
-            if result:
-                return result
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}; server output:\n{tail}")
-        time.sleep(0.2)
 
 
 def _checkpoint_size(base: str) -> int:
@@ -109,42 +56,19 @@ def _all_in_checkpoint(base: str, events: list[dict]) -> int | None:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
-    _browser_or_skip()
-    tmp = tmp_path_factory.mktemp("e2e")
-    env = {**os.environ, "TELELEDGER_HOME": str(tmp / "home"),
-           "TELELEDGER_MASTER_KEY": base64.b64encode(os.urandom(32)).decode(), "TELELEDGER_ENVIRONMENT": "test",
-           "TELELEDGER_DEMO_DATA": "false", "TELELEDGER_PASSWORD_HASHING": "fast"}
-    env.pop("TELELEDGER_DATABASE_URL", None)
-    env.pop("TELELEDGER_BASE_URL", None)
-    _cli(env, "clients", "create", "--client-id", "svc", "--secret", SECRET, "--scope", "system/*.cruds")
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    log = tmp / "server.log"
-    with log.open("wb") as out:
-        server = subprocess.Popen([*TELELEDGER, "serve", "--port", str(port)], env=env, stdout=out,
-                                  stderr=subprocess.STDOUT)
-    try:
-        _wait_for("the server to start", lambda: httpx.get(f"{base}/fhir/metadata", timeout=2).status_code == 200,
-                  60, log)
-        tok = httpx.post(f"{base}/auth/token", data={"grant_type": "client_credentials", "client_id": "svc",
-                                                     "client_secret": SECRET}, timeout=10).json()["access_token"]
-        svc = {"Authorization": f"Bearer {tok}", "Content-Type": "application/fhir+json"}
-
-        def create(resource: dict) -> str:
-            r = httpx.post(f"{base}/fhir/{resource['resourceType']}", json=resource, headers=svc, timeout=10)
-            assert r.status_code == 201, r.text
-            return r.json()["id"]
-
+    browser_or_skip()
+    with serve(tmp_path_factory.mktemp("e2e")) as server:
+        base, svc, log, create = server.base, server.svc, server.log, server.create
         alice = create({"resourceType": "Patient", "name": [{"family": "Liddell", "given": ["Alice"]}],
                         "gender": "female", "birthDate": "1990-05-04"})
         bob = create({"resourceType": "Patient", "name": [{"family": "Builder", "given": ["Bob"]}],
                       "gender": "male", "birthDate": "1985-01-02"})
         doctor = create({"resourceType": "Practitioner", "name": [{"family": "Smith", "given": ["Jo"]}]})
-        _cli(env, "users", "create", "--role", "patient", "--username", "alice", "--password", PASSWORD,
+        server.cli("users", "create", "--role", "patient", "--username", "alice", "--password", PASSWORD,
              "--patient", f"Patient/{alice}")
-        _cli(env, "users", "create", "--role", "patient", "--username", "bob", "--password", PASSWORD,
+        server.cli("users", "create", "--role", "patient", "--username", "bob", "--password", PASSWORD,
              "--patient", f"Patient/{bob}")
-        _cli(env, "users", "create", "--role", "practitioner", "--username", "drsmith", "--password", PASSWORD,
+        server.cli("users", "create", "--role", "practitioner", "--username", "drsmith", "--password", PASSWORD,
              "--practitioner", f"Practitioner/{doctor}")
 
         # the accesses alice will see: the service reads her record twice (two purposes of use),
@@ -165,27 +89,14 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         assert len(events) >= 4, bundle  # her record's creation, two reads, one refusal
         # checkpoints are signed every second; wait until one holds every event on the page
         time.sleep(1.5)
-        size = _wait_for("a checkpoint holding every access", lambda: _all_in_checkpoint(base, events), 20, log)
+        size = wait_for("a checkpoint holding every access", lambda: _all_in_checkpoint(base, events), 20, log)
         yield Site(base, alice, bob, events, size, log)
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
 def browser(site: Site):  # type: ignore[no-untyped-def]
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, timeout=60_000)
-        try:
-            yield b
-        finally:
-            b.close()
+    with chromium() as b:
+        yield b
 
 
 @pytest.fixture

@@ -13,31 +13,13 @@ when TELELEDGER_REQUIRE_BROWSER=1. Screenshots go to test-artifacts/.
 
 from __future__ import annotations
 
-import base64
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.e2e.test_access_log_page import (
-    ARTIFACTS,
-    CHROMIUM,
-    CHROMIUM_ARGS,
-    WAIT_MS,
-    _browser_or_skip,
-    _cli,
-    _free_port,
-    _wait_for,
-)
-
-TELELEDGER = [sys.executable, "-m", "teleledger.cli"]
-SECRET = "service-secret-0123456789"
-PASSWORD = "correct-horse-battery"
+from tests.e2e.harness import ARTIFACTS, PASSWORD, browser_or_skip, chromium, open_page, serve, wait_for
 
 
 @dataclass
@@ -48,68 +30,25 @@ class Site:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
-    _browser_or_skip()
-    tmp = tmp_path_factory.mktemp("e2e-explorer")
-    env = {**os.environ, "TELELEDGER_HOME": str(tmp / "home"),
-           "TELELEDGER_MASTER_KEY": base64.b64encode(os.urandom(32)).decode(), "TELELEDGER_ENVIRONMENT": "test",
-           "TELELEDGER_DEMO_DATA": "false", "TELELEDGER_PASSWORD_HASHING": "fast",
-           "TELELEDGER_CHAIN_ENABLED": "true", "TELELEDGER_ANCHOR_INTERVAL_SECONDS": "1"}
-    for name in ("TELELEDGER_DATABASE_URL", "TELELEDGER_BASE_URL", "TELELEDGER_CHAIN_URL"):
-        env.pop(name, None)
-    _cli(env, "clients", "create", "--client-id", "svc", "--secret", SECRET, "--scope", "system/*.cruds")
-    _cli(env, "users", "create", "--role", "admin", "--username", "ops", "--password", PASSWORD)
-    _cli(env, "users", "create", "--role", "researcher", "--username", "rita", "--password", PASSWORD)
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    log = tmp / "server.log"
-    with log.open("wb") as out:
-        server = subprocess.Popen([*TELELEDGER, "serve", "--port", str(port)], env=env, stdout=out,
-                                  stderr=subprocess.STDOUT)
-    try:
-        _wait_for("the server to start", lambda: httpx.get(f"{base}/fhir/metadata", timeout=2).status_code == 200,
-                  90, log)
-        tok = httpx.post(f"{base}/auth/token", data={"grant_type": "client_credentials", "client_id": "svc",
-                                                     "client_secret": SECRET}, timeout=10).json()["access_token"]
-        r = httpx.post(f"{base}/fhir/Organization", json={"resourceType": "Organization", "name": "Acme Clinic"},
-                       headers={"Authorization": f"Bearer {tok}", "Content-Type": "application/fhir+json"},
-                       timeout=10)
-        assert r.status_code == 201, r.text
-        yield Site(base, log)
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(timeout=10)
+    browser_or_skip()
+    with serve(tmp_path_factory.mktemp("e2e-explorer"), TELELEDGER_CHAIN_ENABLED="true",
+               TELELEDGER_ANCHOR_INTERVAL_SECONDS="1") as server:
+        server.cli("users", "create", "--role", "admin", "--username", "ops", "--password", PASSWORD)
+        server.cli("users", "create", "--role", "researcher", "--username", "rita", "--password", PASSWORD)
+        server.create({"resourceType": "Organization", "name": "Acme Clinic"})
+        yield Site(server.base, server.log)
 
 
 @pytest.fixture(scope="module")
 def browser(site: Site):  # type: ignore[no-untyped-def]
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, timeout=60_000)
-        try:
-            yield b
-        finally:
-            b.close()
+    with chromium() as b:
+        yield b
 
 
 @pytest.fixture
 def page(browser):  # type: ignore[no-untyped-def]
-    ARTIFACTS.mkdir(exist_ok=True)
-    context = browser.new_context(viewport={"width": 1280, "height": 900}, locale="en-GB")
-    context.set_default_timeout(WAIT_MS)
-    context.set_default_navigation_timeout(WAIT_MS)
-    p = context.new_page()
-    errors: list[str] = []
-    p.on("pageerror", lambda exc: errors.append(str(exc)))
-    try:
+    with open_page(browser) as p:
         yield p
-        assert not errors, f"JavaScript errors on the page: {errors}"
-    finally:
-        context.close()
 
 
 def sign_in(page, site: Site, username: str) -> None:  # type: ignore[no-untyped-def]
@@ -130,7 +69,7 @@ def test_an_admin_sees_the_anchor_transaction_decoded_and_matched_with_the_logs_
 
     anchors = page.locator('tr.anchor-row[data-verdict="match"]')
     # the anchorer runs every second and the indexer follows: reload until the anchor is shown
-    _wait_for("an anchored checkpoint on the explorer page",
+    wait_for("an anchored checkpoint on the explorer page",
               lambda: page.reload() and anchors.count() > 0, 30, site.log)
 
     blocks = page.get_by_role("table", name="The latest")

@@ -17,9 +17,6 @@ when TELELEDGER_REQUIRE_BROWSER=1. Screenshots go to test-artifacts/.
 
 from __future__ import annotations
 
-import base64
-import os
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,19 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.test_access_log_page import (
-    ARTIFACTS,
-    CHROMIUM,
-    CHROMIUM_ARGS,
-    PASSWORD,
-    SECRET,
-    TELELEDGER,
-    WAIT_MS,
-    _browser_or_skip,
-    _cli,
-    _free_port,
-    _wait_for,
-)
+from tests.e2e.harness import ARTIFACTS, PASSWORD, WAIT_MS, browser_or_skip, chromium, serve
 
 SUBJECTIVE = "Headache for three days, worse in the evening."
 PLAN = "Rest, fluids, paracetamol as needed. Message me if it gets worse."
@@ -56,32 +41,9 @@ class Site:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
-    _browser_or_skip()
-    tmp = tmp_path_factory.mktemp("e2e-notes")
-    env = {**os.environ, "TELELEDGER_HOME": str(tmp / "home"),
-           "TELELEDGER_MASTER_KEY": base64.b64encode(os.urandom(32)).decode(), "TELELEDGER_ENVIRONMENT": "test",
-           "TELELEDGER_DEMO_DATA": "false", "TELELEDGER_PASSWORD_HASHING": "fast"}
-    env.pop("TELELEDGER_DATABASE_URL", None)
-    env.pop("TELELEDGER_BASE_URL", None)
-    _cli(env, "clients", "create", "--client-id", "svc", "--secret", SECRET, "--scope", "system/*.cruds")
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    log = tmp / "server.log"
-    with log.open("wb") as out:
-        server = subprocess.Popen([*TELELEDGER, "serve", "--port", str(port)], env=env, stdout=out,
-                                  stderr=subprocess.STDOUT)
-    try:
-        _wait_for("the server to start", lambda: httpx.get(f"{base}/fhir/metadata", timeout=2).status_code == 200,
-                  60, log)
-        tok = httpx.post(f"{base}/auth/token", data={"grant_type": "client_credentials", "client_id": "svc",
-                                                     "client_secret": SECRET}, timeout=10).json()["access_token"]
-        svc = {"Authorization": f"Bearer {tok}", "Content-Type": "application/fhir+json"}
-
-        def create(resource: dict) -> str:
-            r = httpx.post(f"{base}/fhir/{resource['resourceType']}", json=resource, headers=svc, timeout=10)
-            assert r.status_code == 201, r.text
-            return r.json()["id"]
-
+    browser_or_skip()
+    with serve(tmp_path_factory.mktemp("e2e-notes")) as server:
+        create = server.create
         alice = create({"resourceType": "Patient", "name": [{"family": "Liddell", "given": ["Alice"]}],
                         "gender": "female", "birthDate": "1990-05-04"})
         smith = create({"resourceType": "Practitioner", "name": [{"family": "Smith", "given": ["Jo"], "prefix": ["Dr"]}]})
@@ -98,32 +60,19 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
                 "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
                 "subject": {"reference": f"Patient/{alice}"},
                 "participant": [{"individual": {"reference": f"Practitioner/{jones}"}}]})
-        _cli(env, "users", "create", "--role", "patient", "--username", "alice", "--password", PASSWORD,
-             "--patient", f"Patient/{alice}")
-        _cli(env, "users", "create", "--role", "practitioner", "--username", "drsmith", "--password", PASSWORD,
-             "--practitioner", f"Practitioner/{smith}")
-        _cli(env, "users", "create", "--role", "practitioner", "--username", "drjones", "--password", PASSWORD,
-             "--practitioner", f"Practitioner/{jones}")
-        yield Site(base, alice, encounter, svc, log)
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(timeout=10)
+        server.cli("users", "create", "--role", "patient", "--username", "alice", "--password", PASSWORD,
+                   "--patient", f"Patient/{alice}")
+        server.cli("users", "create", "--role", "practitioner", "--username", "drsmith", "--password", PASSWORD,
+                   "--practitioner", f"Practitioner/{smith}")
+        server.cli("users", "create", "--role", "practitioner", "--username", "drjones", "--password", PASSWORD,
+                   "--practitioner", f"Practitioner/{jones}")
+        yield Site(server.base, alice, encounter, server.svc, server.log)
 
 
 @pytest.fixture(scope="module")
 def browser(site: Site):  # type: ignore[no-untyped-def]
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, timeout=60_000)
-        try:
-            yield b
-        finally:
-            b.close()
+    with chromium() as b:
+        yield b
 
 
 @pytest.fixture

@@ -15,9 +15,6 @@ when TELELEDGER_REQUIRE_BROWSER=1. Screenshots go to test-artifacts/.
 
 from __future__ import annotations
 
-import base64
-import os
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,19 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.test_access_log_page import (
-    ARTIFACTS,
-    CHROMIUM,
-    CHROMIUM_ARGS,
-    PASSWORD,
-    SECRET,
-    TELELEDGER,
-    WAIT_MS,
-    _browser_or_skip,
-    _cli,
-    _free_port,
-    _wait_for,
-)
+from tests.e2e.harness import ARTIFACTS, PASSWORD, WAIT_MS, browser_or_skip, chromium, serve
 
 MEDIA_ARGS = ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
 CONNECT_MS = 30_000  # ICE + DTLS on a loaded machine
@@ -64,45 +49,21 @@ def _instant(dt: datetime) -> str:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
-    _browser_or_skip()
-    tmp = tmp_path_factory.mktemp("e2e-visit")
-    env = {**os.environ, "TELELEDGER_HOME": str(tmp / "home"),
-           "TELELEDGER_MASTER_KEY": base64.b64encode(os.urandom(32)).decode(), "TELELEDGER_ENVIRONMENT": "test",
-           "TELELEDGER_DEMO_DATA": "false", "TELELEDGER_PASSWORD_HASHING": "fast",
-           "TELELEDGER_MAX_ATTACHMENT_BYTES": "65536"}
-    for name in ("TELELEDGER_DATABASE_URL", "TELELEDGER_BASE_URL", "TELELEDGER_ICE_SERVERS"):
-        env.pop(name, None)
-    _cli(env, "clients", "create", "--client-id", "svc", "--secret", SECRET, "--scope", "system/*.cruds")
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    log = tmp / "server.log"
-    with log.open("wb") as out:
-        server = subprocess.Popen([*TELELEDGER, "serve", "--port", str(port)], env=env, stdout=out,
-                                  stderr=subprocess.STDOUT)
-    try:
-        _wait_for("the server to start", lambda: httpx.get(f"{base}/fhir/metadata", timeout=2).status_code == 200,
-                  60, log)
-        tok = httpx.post(f"{base}/auth/token", data={"grant_type": "client_credentials", "client_id": "svc",
-                                                     "client_secret": SECRET}, timeout=10).json()["access_token"]
-        svc = {"Authorization": f"Bearer {tok}", "Content-Type": "application/fhir+json"}
-
-        def create(resource: dict) -> str:
-            r = httpx.post(f"{base}/fhir/{resource['resourceType']}", json=resource, headers=svc, timeout=10)
-            assert r.status_code == 201, r.text
-            return r.json()["id"]
-
+    browser_or_skip()
+    with serve(tmp_path_factory.mktemp("e2e-visit"), TELELEDGER_MAX_ATTACHMENT_BYTES="65536") as server:
+        create = server.create
         alice = create({"resourceType": "Patient", "name": [{"family": "Liddell", "given": ["Alice"]}],
                         "gender": "female", "birthDate": "1990-05-04"})
         doctor = create({"resourceType": "Practitioner", "name": [{"family": "Smith", "given": ["Jo"],
                                                                    "prefix": ["Dr"]}]})
         bob = create({"resourceType": "Patient", "name": [{"family": "Builder", "given": ["Bob"]}],
                       "gender": "male", "birthDate": "1985-01-02"})
-        _cli(env, "users", "create", "--role", "patient", "--username", "alice", "--password", PASSWORD,
-             "--patient", f"Patient/{alice}")
-        _cli(env, "users", "create", "--role", "patient", "--username", "bob", "--password", PASSWORD,
-             "--patient", f"Patient/{bob}")
-        _cli(env, "users", "create", "--role", "practitioner", "--username", "drsmith", "--password", PASSWORD,
-             "--practitioner", f"Practitioner/{doctor}")
+        server.cli("users", "create", "--role", "patient", "--username", "alice", "--password", PASSWORD,
+                   "--patient", f"Patient/{alice}")
+        server.cli("users", "create", "--role", "patient", "--username", "bob", "--password", PASSWORD,
+                   "--patient", f"Patient/{bob}")
+        server.cli("users", "create", "--role", "practitioner", "--username", "drsmith", "--password", PASSWORD,
+                   "--practitioner", f"Practitioner/{doctor}")
         now = datetime.now(timezone.utc)
         appointment = create({
             "resourceType": "Appointment", "status": "booked",
@@ -110,26 +71,13 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
             "participant": [{"actor": {"reference": f"Patient/{alice}"}, "status": "accepted"},
                             {"actor": {"reference": f"Practitioner/{doctor}"}, "status": "accepted"}],
         })
-        yield Site(base, appointment, alice, doctor, svc, log)
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(timeout=10)
+        yield Site(server.base, appointment, alice, doctor, server.svc, server.log)
 
 
 @pytest.fixture(scope="module")
 def browser(site: Site):  # type: ignore[no-untyped-def]
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=[*CHROMIUM_ARGS, *MEDIA_ARGS], timeout=60_000)
-        try:
-            yield b
-        finally:
-            b.close()
+    with chromium(MEDIA_ARGS) as b:
+        yield b
 
 
 class Person:
