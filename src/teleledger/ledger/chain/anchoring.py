@@ -23,7 +23,6 @@ Only hashes, sizes and the log's origin (a host name) go on chain: never an entr
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from eth_utils import keccak
 from sqlalchemy import Connection, Engine, select, text
 
 from teleledger.core.errors import TeleledgerError
+from teleledger.ledger.chain.background import BackgroundThread
 from teleledger.ledger.chain.client import ChainClient
 from teleledger.ledger.chain.indexer import events
 from teleledger.ledger.chain.outbox import enqueue
@@ -98,7 +98,7 @@ def last_enqueued_size(conn: Connection) -> int:
     return 0 if row is None else int(decode_args(row.args)[2])
 
 
-class Anchorer:
+class Anchorer(BackgroundThread):
     """Enqueues anchors of the log's checkpoints (see the module docstring).
 
     ``on_enqueued(key)`` is called after a commit that recorded one (the runtime wakes the
@@ -127,8 +127,7 @@ class Anchorer:
         self._on_enqueued = on_enqueued
         self._clock = clock
         self._next = 0.0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._init_thread("teleledger-chain-anchorer", "the anchorer")
         self.last_error: str | None = None
 
     def tick(self) -> str | None:
@@ -160,23 +159,6 @@ class Anchorer:
         return key
 
     # ------------------------------------------------------------------ background thread
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def start(self) -> None:
-        if self.running:
-            raise RuntimeError("the anchorer is already running")
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="teleledger-chain-anchorer", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
 
     def _run(self) -> None:
         # the first look comes one interval after start: a restart does not anchor at once

@@ -41,6 +41,7 @@ from sqlalchemy import Connection, Engine, delete, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from teleledger.core.errors import TeleledgerError
+from teleledger.ledger.chain.background import BackgroundThread
 from teleledger.ledger.chain.client import ChainClient, ChainUnavailable, Event
 from teleledger.ledger.chain.storage import chain_blocks, chain_cursor, chain_events, decode_args, encode_args
 from teleledger.storage.db import UnitOfWork
@@ -88,7 +89,7 @@ def events(conn: Connection, name: str | None = None, *, contract: str | None = 
                         decode_args(r.args)) for r in rows]
 
 
-class Indexer:
+class Indexer(BackgroundThread):
     """See the module docstring. ``addresses``: contract name -> address (only these are read);
     ``start_block``: the first block that can hold their events (their deployment);
     ``max_blocks``: most blocks one poll reads; ``keep_blocks``: how far back block hashes are
@@ -122,8 +123,7 @@ class Indexer:
         self._projectors: dict[str, list[Projector]] = defaultdict(list)
         self._rollback_hooks: list[RollbackHook] = []
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._init_thread("teleledger-chain-indexer", "the indexer")
         self.failures = 0
         self.last_error: str | None = None
         self.reorgs = 0
@@ -283,23 +283,6 @@ class Indexer:
                     cursor[0], removed, fork_block)
 
     # ------------------------------------------------------------------ background thread
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def start(self) -> None:
-        if self.running:
-            raise RuntimeError("the indexer is already running")
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="teleledger-chain-indexer", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -55,6 +55,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from teleledger.core.errors import Conflict, InvalidInput, NotFound, TeleledgerError
 from teleledger.ledger.chain import CONTRACT_NAMES
+from teleledger.ledger.chain.background import BackgroundThread
 from teleledger.ledger.chain.client import (
     ChainClient,
     ChainRevert,
@@ -206,7 +207,7 @@ class _Round:
     unavailable: ChainUnavailable | None = None
 
 
-class OutboxWorker:
+class OutboxWorker(BackgroundThread):
     """Drains ``chain_outbox`` (see the module docstring).
 
     ``addresses``: contract name -> address; ``confirmations``: a transaction is done when its
@@ -250,8 +251,7 @@ class OutboxWorker:
         self._keys: dict[str, keys.PrivateKey] = {}
         self._round_lock = threading.Lock()  # one round at a time in this process
         self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._init_thread("teleledger-chain-outbox", "the outbox worker")
         self._listening = False
         self.failures = 0  # consecutive rounds that met ChainUnavailable (health checks)
         self.last_error: str | None = None
@@ -291,28 +291,17 @@ class OutboxWorker:
 
     # ------------------------------------------------------------------ background thread
 
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def start(self) -> None:
-        if self.running:
-            raise RuntimeError("the outbox worker is already running")
-        self._stop.clear()
+    def _before_start(self) -> None:
         if not self._listening:
             event.listen(self.engine, "commit", self._on_commit)
             event.listen(self.engine, "rollback", self._on_rollback)
             event.listen(self.engine, "checkin", self._on_checkin)
             self._listening = True
-        self._thread = threading.Thread(target=self._run, name="teleledger-chain-outbox", daemon=True)
-        self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
+    def _interrupt(self) -> None:
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+
+    def _after_stop(self) -> None:
         if self._listening:
             event.remove(self.engine, "commit", self._on_commit)
             event.remove(self.engine, "rollback", self._on_rollback)
