@@ -34,6 +34,7 @@ from teleledger.records.audit import Auditor
 from teleledger.records.audit_events import AuditEventService
 from teleledger.records.bundles import BundleProcessor
 from teleledger.records.keys import KeyRing
+from teleledger.records.research_export import research_export
 from teleledger.records.search import SqlSearch
 from teleledger.records.service import RecordsService
 from teleledger.records.service import Settings as RecordsSettings
@@ -174,9 +175,13 @@ def build(settings: Settings, *, migrate_schema: bool = True) -> Node:
     )
     if migrate_schema:
         consent_service.rebuild()  # the consent state from the chain events stored so far
-    return Node(settings, engine, master, records, BundleProcessor(records), Accounts(engine, hasher, keystore=keystore),
+    node = Node(settings, engine, master, records, BundleProcessor(records), Accounts(engine, hasher, keystore=keystore),
                 issuer, verifier, node_key, log, auditor,
                 AuditEventService(engine, base_url=settings.public_url, observer=settings.node_name,
                                   default_count=settings.default_page_size, max_count=settings.max_page_size),
                 keystore=keystore, chain=chain, consents=consents, consent_service=consent_service,
                 scheduling=Scheduling(records, engine))
+    # the research export service, built here so its write guard (only admins and services edit a
+    # study's member list) covers every writer, imports included
+    research_export(node)
+    return node

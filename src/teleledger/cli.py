@@ -19,6 +19,7 @@ from rich.table import Table
 
 from teleledger.cli_chain import register as register_chain
 from teleledger.cli_consent import register as register_consent
+from teleledger.cli_research import register as register_research
 from teleledger.cli_keys import register as register_keys
 from teleledger.cli_verify import register as register_verify
 from teleledger.cli_witness import register as register_witness
@@ -36,6 +37,7 @@ register_verify(app)
 register_chain(app)
 register_keys(app)
 register_consent(app)
+register_research(app)
 # soft_wrap: an error message stays on one line when stderr is not a terminal
 console = Console(stderr=True, soft_wrap=True)
 
