@@ -41,7 +41,13 @@ Rules, applied in order; the first that matches settles the request (reason in q
    b. practitioner: an account not linked to a Practitioner gets nothing
       ("no-linked-practitioner"); a create of an Encounter, Appointment or CareTeam that the
       caller marked ``establishes_care`` (the practitioner is a participant) is allowed
-      ("establishes-care"). Otherwise every patient in the compartment must allow it, each on
+      ("establishes-care"). A message (``THREAD_TYPES``: Communication) whose participants
+      (``AccessRequest.participants``: sender and recipients) are known and do not include
+      ``Practitioner/<id>`` is not the care team's to read: only a consent permit of every
+      patient concerned reaches it ("consent-permit"), a patient's deny says so ("consent-deny",
+      "consent-deny-exception"), and otherwise, care relationship and break-glass claim
+      notwithstanding, deny ("not-a-thread-participant"; ``model.outside_thread``). Otherwise
+      every patient in the compartment must allow it, each on
       its own basis, judged in this order (the first denial is the answer; with several
       patients the answer names the strongest basis used: break-glass, consent, care):
       i.   break-glass: purpose ETREAT (or BTG, ERTREAT), an active claim for the patient, and no
@@ -90,6 +96,7 @@ from teleledger.policy.model import (
     Principal,
     PublicOnly,
     SearchFilter,
+    outside_thread,
 )
 
 __all__ = [
@@ -192,6 +199,10 @@ CARE_RELATIONSHIP = _allow(
 NO_RELATIONSHIP = _deny(
     "no-relationship", "The practitioner has no care relationship with a patient concerned."
 )
+NOT_A_THREAD_PARTICIPANT = _deny(
+    "not-a-thread-participant",
+    "Messages are read by their sender and recipients; other practitioners need the patient's consent.",
+)
 ADMIN_NO_CLINICAL = _deny("admin-no-clinical", "Administrators do not access patient data.")
 NEEDS_CONSENT = _deny("needs-consent", "This role needs a consent grant to access patient data.")
 NEEDS_CONSENT_BY_POLICY = _deny(
@@ -250,6 +261,11 @@ def decide(
             return NO_LINKED_PRACTITIONER
         if request.establishes_care and action == "create" and resource_type in CARE_ESTABLISHING_TYPES:
             return ESTABLISHES_CARE
+        if outside_thread(practitioner_id, resource_type, request.participants):
+            granted = grants.grant(principal, request)
+            if granted is not None and granted.reason not in (REASON_BREAK_GLASS, REASON_BREAK_GLASS_EXPIRED):
+                return granted  # a consent permit (of every patient) or a patient's deny
+            return NOT_A_THREAD_PARTICIPANT
         if len(patients) > 1:
             return _practitioner_each(principal, request, care, grants, default)
         granted = grants.grant(principal, request)
@@ -336,7 +352,8 @@ def search_filter(
     policy gives care relationships access for their purpose, else PublicOnly; pharmacist, payer,
     researcher and accounts not linked to their resource → PublicOnly. When it says something:
     Consented(own patient id for a patient (delegates), care team as above for a practitioner,
-    their active break-glass patients, the consents' permits and denies).
+    their active break-glass patients, the consents' permits and denies, and for a practitioner
+    their id, which keeps messages they do not take part in to the permits).
     """
     role = principal.role
     if role == "service":
@@ -364,7 +381,7 @@ def search_filter(
         if view.empty:
             return CareTeamOf(practitioner_id) if care_team is not None else _PUBLIC_ONLY
         return Consented(care_team_of=care_team, break_glass=view.break_glass, permits=view.permits,
-                         denies=view.denies)
+                         denies=view.denies, practitioner_id=practitioner_id)
     view = grants.search_view(principal)
     if view.empty:
         return _PUBLIC_ONLY

@@ -56,8 +56,10 @@ __all__ = [
     "Role",
     "RowRule",
     "SearchFilter",
+    "THREAD_TYPES",
     "TypeIn",
     "matches",
+    "outside_thread",
     "row_matches",
 ]
 
@@ -138,6 +140,10 @@ class AccessRequest:
     #: The resource's sensitivity labels (``teleledger.policy.sensitivity.classify``), so that a
     #: consent about mental-health or HIV data can decide; empty = no sensitive category.
     labels: frozenset[str] = frozenset()
+    #: For a message (``THREAD_TYPES``): the FHIR references of its sender and recipients
+    #: (``Patient/…``, ``Practitioner/…``), so that only its participants read it without a
+    #: consent (``outside_thread``); empty = not a message, or one naming nobody.
+    participants: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,9 +390,26 @@ class Consented:
     break_glass: frozenset[str] = frozenset()
     permits: PatientGroups = ()
     denies: PatientGroups = ()
+    #: The practitioner whose search this is: a message row ``outside_thread`` of them is visible
+    #: only when every compartment patient permits it and none denies it (no care relationship,
+    #: no break-glass), as ``decide`` answers "not-a-thread-participant".
+    practitioner_id: str | None = None
 
 
 SearchFilter: TypeAlias = All | Compartments | CareTeamOf | PublicOnly | Nothing | Consented
+
+
+#: Resource types that are messages between participants: secure-message threads and in-visit
+#: chat (``Communication``), read by their sender and recipients, not by the whole care team.
+THREAD_TYPES: Final = frozenset({"Communication"})
+
+
+def outside_thread(practitioner_id: str, resource_type: str, participants: frozenset[str]) -> bool:
+    """Whether a resource is a message whose participants (sender and recipients) are known and
+    do not include ``Practitioner/<practitioner_id>``: then a care relationship does not reach it
+    (``decide`` rule 6b-0, "not-a-thread-participant"); only a consent permit does."""
+    return (resource_type in THREAD_TYPES and bool(participants)
+            and f"Practitioner/{practitioner_id}" not in participants)
 
 
 def _in_groups(groups: PatientGroups, patient_id: str, resource_type: str, labels: frozenset[str]) -> bool:
@@ -403,6 +426,7 @@ def matches(
     labels: frozenset[str] = frozenset(),
     *,
     care: CareRelationships | None = None,
+    participants: frozenset[str] = frozenset(),
 ) -> bool:
     """Whether ``search_filter`` lets a row through: the exact, pure definition of each variant,
     for the store to double-check every row it returns.
@@ -411,7 +435,10 @@ def matches(
     filter but ``Nothing``. ``care`` answers care relationships for ``CareTeamOf`` and
     ``Consented.care_team_of``; without it nobody counts as a care-team patient. Like ``decide``,
     ``CareTeamOf`` and ``Consented`` need *every* compartment patient to be allowed, and
-    ``Compartments`` (a patient's own record) any one.
+    ``Compartments`` (a patient's own record) any one. ``participants`` are a message's sender
+    and recipients (``AccessRequest.participants``): a message ``outside_thread`` of the
+    practitioner of ``CareTeamOf`` never passes it, and passes ``Consented`` with that
+    ``practitioner_id`` only through a permit of every compartment patient.
     """
     if isinstance(search_filter, Nothing):
         return False
@@ -423,6 +450,8 @@ def matches(
     if isinstance(search_filter, Compartments):
         return not search_filter.patient_ids.isdisjoint(patients)
     if isinstance(search_filter, CareTeamOf):
+        if outside_thread(search_filter.practitioner_id, resource_type, participants):
+            return False
         return care is not None and all(
             care.has_care_relationship(search_filter.practitioner_id, p) for p in patients
         )
@@ -430,6 +459,9 @@ def matches(
         f = search_filter
         if f.own_patient_id is not None and f.own_patient_id in patients:
             return True
+        if f.practitioner_id is not None and outside_thread(f.practitioner_id, resource_type, participants):
+            return all(not _in_groups(f.denies, p, resource_type, labels)
+                       and _in_groups(f.permits, p, resource_type, labels) for p in patients)
         for p in patients:
             if p in f.break_glass:
                 continue

@@ -42,6 +42,25 @@ class Visibility:
 
 CARE_TYPES = ("Encounter", "Appointment", "CareTeam")
 CARE_PARAMS = ("practitioner", "participant", "actor")
+#: the search parameters holding a message's participants (``policy.model.outside_thread``)
+THREAD_PARAMS = ("sender", "recipient")
+
+
+def in_thread_clause(practitioner_id: str, type_col, id_col) -> ColumnElement[bool]:  # type: ignore[no-untyped-def]
+    """The negation of ``policy.model.outside_thread`` over the index: the row is not a message
+    (``THREAD_TYPES``), or names no sender or recipient, or names ``Practitioner/<id>`` as one."""
+    ref = t.idx_reference
+
+    def named(extra=None):  # type: ignore[no-untyped-def]
+        q = (select(literal(1)).where(ref.c.res_type == type_col, ref.c.res_id == id_col,
+                                      ref.c.param.in_(THREAD_PARAMS)).correlate_except(ref))
+        return exists(q if extra is None else q.where(extra))
+
+    return or_(
+        type_col.not_in(sorted(pm.THREAD_TYPES)),
+        not_(named()),
+        named(and_(ref.c.target_type == "Practitioner", ref.c.target_id == practitioner_id)),
+    )
 
 
 def care_patients_subquery(practitioner_id: str):  # type: ignore[no-untyped-def]
@@ -88,6 +107,8 @@ def visibility_clause(vis: Visibility, type_col, id_col) -> ColumnElement[bool]:
             comp.c.res_id == id_col,
             comp.c.patient_id.in_(care_patients_subquery(vis.practitioner_id)),
         )
+        # a care relationship does not reach the messages the practitioner takes no part in
+        return or_(public, and_(exists(patients), in_thread_clause(vis.practitioner_id, type_col, id_col)))
     else:  # pragma: no cover - programming error
         raise ValueError(vis.kind)
     return or_(public, exists(patients))
@@ -135,6 +156,11 @@ def _consented_clause(f: pm.Consented, label_hash: Callable[[str], str], type_co
     care = p.in_(care_patients_subquery(f.care_team_of)) if f.care_team_of is not None else false()
     glass = p.in_(sorted(f.break_glass)) if f.break_glass else false()
     allowed = or_(glass, and_(not_(groups(f.denies)), or_(care, groups(f.permits))))
+    if f.practitioner_id is not None:
+        # a message the practitioner takes no part in: only the patients' permits reach it
+        member = in_thread_clause(f.practitioner_id, type_col, id_col)
+        allowed = or_(and_(member, allowed),
+                      and_(not_(member), not_(groups(f.denies)), groups(f.permits)))
     everyone = not_(exists(select(literal(1)).where(other.c.res_type == type_col, other.c.res_id == id_col,
                                                     not_(allowed))))
     if f.own_patient_id is None:

@@ -31,12 +31,22 @@ from teleledger.fhir import searchparams as sp
 from teleledger.fhir.outcome import outcome
 from teleledger.fhir.validation import validate
 from teleledger.policy import decide as policy
-from teleledger.policy.model import NO_GRANTS, AccessRequest, Consented, Decision, Grants, Principal
+from teleledger.policy.model import (
+    NO_GRANTS,
+    THREAD_TYPES,
+    AccessRequest,
+    CareTeamOf,
+    Consented,
+    Decision,
+    Grants,
+    Principal,
+)
 from teleledger.policy.model import matches as filter_matches
 from teleledger.policy.sensitivity import classify
 from teleledger.records.search import (
     CARE_PARAMS,
     CARE_TYPES,
+    THREAD_PARAMS,
     R,
     SqlSearch,
     Visibility,
@@ -108,6 +118,16 @@ class SqlCareRelationships:
             hit = bool(self.conn.execute(select(exists(sub))).scalar())
             self._cache[key] = hit
         return hit
+
+
+def participants_of(resource_type: str, body: dict | None) -> frozenset[str]:
+    """A message's sender and recipients as FHIR references (``AccessRequest.participants``),
+    read through the same extraction the index stores them with, so that the search's SQL
+    (``records.search.in_thread_clause``) and the decision see the same participants."""
+    if body is None or resource_type not in THREAD_TYPES:
+        return frozenset()
+    return frozenset(f"{e.type}/{e.id}" if e.type else e.id for e in sp.extract(body)
+                     if isinstance(e, sp.ReferenceEntry) and e.param in THREAD_PARAMS)
 
 
 @dataclass
@@ -187,7 +207,8 @@ class RecordsService:
         # the resource's sensitivity labels, so a consent about mental-health or HIV data decides
         labels = classify(body) if body is not None and patients else frozenset()
         req = AccessRequest(action=action, resource_type=resource_type, patient_ids=frozenset(patients),
-                            establishes_care=establishes_care, practitioner_ids=practitioners, labels=labels)
+                            establishes_care=establishes_care, practitioner_ids=practitioners, labels=labels,
+                            participants=participants_of(resource_type, body))
         return policy.decide(principal, req, SqlCareRelationships(conn), self.grants)
 
     def _decide_on(self, conn: Connection, principal: Principal, action: str, s: Stored) -> Decision:
@@ -438,14 +459,22 @@ class RecordsService:
 
     @staticmethod
     def _recheck(conn: Connection, vis: Visibility, rows: list[Stored]) -> list[Stored]:
-        """Every row a consent-filtered search returns, checked again with the policy's pure
-        definition of the filter (``policy.model.matches``): the SQL of ``visibility_clause``
-        is an optimization of it, never the last word."""
-        if vis.consented is None:
+        """Every row a consent-filtered search returns, and every message a care-team search
+        returns, checked again with the policy's pure definition of the filter
+        (``policy.model.matches``): the SQL of ``visibility_clause`` is an optimization of it,
+        never the last word."""
+        if vis.consented is not None:
+            f: Consented | CareTeamOf = vis.consented
+        elif vis.kind == "care_team" and vis.practitioner_id is not None:
+            if not any(s.res_type in THREAD_TYPES for s in rows):
+                return rows
+            f = CareTeamOf(vis.practitioner_id)
+        else:
             return rows
         care = SqlCareRelationships(conn)
         return [s for s in rows if s.body is not None and filter_matches(
-            vis.consented, compartment.patient_ids(s.body), s.res_type, classify(s.body), care=care)]
+            f, compartment.patient_ids(s.body), s.res_type, classify(s.body), care=care,
+            participants=participants_of(s.res_type, s.body))]
 
     @staticmethod
     def _post_ok(body: dict | None, conds: Sequence[fq.Condition]) -> bool:
@@ -583,8 +612,9 @@ class RecordsService:
                 if versions and not readable:
                     latest = next((v for v in versions if v.body is not None), None)
                     patients = compartment.patient_ids(latest.body) if latest and latest.body else frozenset()
-                    self._deny(self._decide(c, principal, "history", res_type, patients), f"{res_type}/{res_id}",
-                               action="history", patients=patients)
+                    self._deny(self._decide(c, principal, "history", res_type, patients,
+                                            body=latest.body if latest else None),
+                               f"{res_type}/{res_id}", action="history", patients=patients)
                 total, versions = len(readable), readable[offset : offset + count]
             else:
                 self._deny(self._decide(c, principal, "history", res_type, frozenset()), f"history of {res_type}",
