@@ -625,6 +625,26 @@ def admin_console(principal: Principal) -> Decision:
     return _ADMIN_CONSOLE if principal.role == "admin" else _NOT_AN_ADMIN
 
 
+# -- role workspaces -----------------------------------------------------------------------------
+# A workspace page (the pharmacy, the prescribing console, a patient's consent page) belongs to one
+# role; what it then shows is still decided per resource by the rules above. A patient workspace
+# also needs an account linked to a Patient, a practitioner's one a linked Practitioner.
+
+_LINK_NEEDED: Final[dict[str, str]] = {"patient": "patient_id", "practitioner": "practitioner_id"}
+
+
+def role_workspace(principal: Principal, role: str) -> Decision:
+    """May this principal open a page meant for ``role``? Same role (and, for patients and
+    practitioners, a linked record): allow ("role-workspace"); otherwise deny ("not-this-role",
+    "no-linked-record")."""
+    if principal.role != role:
+        return Decision(False, "not-this-role", f"This page is for {role}s.")
+    link = _LINK_NEEDED.get(role)
+    if link is not None and not getattr(principal, link):
+        return Decision(False, "no-linked-record", f"This account is not linked to a {link.removesuffix('_id')} record.")
+    return Decision(True, "role-workspace", f"A {role} opens a {role}'s page.")
+
+
 # -- e-prescriptions ----------------------------------------------------------------------------
 # A pharmacy works from the prescription token and the chain, never from the prescriber's record:
 # verification (token signature, the signer is the chain's prescriber, the chain's status) is

@@ -17,6 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from teleledger.core.errors import TeleledgerError
+from teleledger.policy import decide as policy
 from teleledger.policy.model import Principal
 from teleledger.policy.service import DATA_CLASSES, LABELS, build_consent
 from teleledger.web.deps import in_thread
@@ -39,8 +40,9 @@ def _when_us(us: int) -> str:
 def _only_patient(request: Request, user: Principal | None) -> Response | None:
     if user is None:
         return RedirectResponse(f"/login?next={PATH}", status_code=303, headers={"Cache-Control": "no-store"})
-    if user.role != "patient" or user.patient_id is None:
-        return render(request, "forbidden.html", {"message": "This page is for patients."}, status=403, user=user)
+    decision = policy.role_workspace(user, "patient")
+    if not decision.allowed:
+        return render(request, "forbidden.html", {"message": decision.detail}, status=403, user=user)
     return None
 
 

@@ -24,6 +24,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from teleledger.core.errors import InvalidInput, TeleledgerError
+from teleledger.policy import decide as policy
 from teleledger.policy.model import Principal
 from teleledger.prescriptions import token as rxtoken
 from teleledger.prescriptions.service import PrescriptionService, org_name
@@ -62,8 +63,9 @@ def _status(exc: TeleledgerError) -> int:
 def _only(request: Request, user: Principal | None, role: str, path: str) -> Response | None:
     if user is None:
         return _to_login(path)
-    if user.role != role:
-        return render(request, "forbidden.html", {"message": f"This page is for {role}s."}, status=403, user=user)
+    decision = policy.role_workspace(user, role)
+    if not decision.allowed:
+        return render(request, "forbidden.html", {"message": decision.detail}, status=403, user=user)
     return None
 
 
