@@ -1,6 +1,6 @@
 """Chain benchmark: committed consent grants per second, embedded chain against a Hardhat node.
 
-    PYTHONPATH=src python bench/bench_chain.py [--grants 2000] [--callers 8] [--batch 50]
+    .venv/bin/python bench/bench_chain.py [--grants 2000] [--callers 8] [--batch 50]
         [--hardhat-url URL] [--dir DIR]
 
 The same workload runs through the same ``ChainClient`` code against each backend, in one run:
@@ -47,7 +47,6 @@ import random
 import resource
 import shutil
 import sqlite3
-import sys
 import tempfile
 import threading
 import time
@@ -55,11 +54,6 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-try:
-    import teleledger  # noqa: F401
-except ModuleNotFoundError:  # run from a checkout without the package installed
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
 from eth_keys import keys
 from rich.console import Console

@@ -1,6 +1,6 @@
 """Benchmark of the stored transparency log on SQLite (teleledger.ledger.log.service).
 
-    PYTHONPATH=src python bench/bench_log.py [--dir DIR] [--appenders 64] [--duration 10]
+    .venv/bin/python bench/bench_log.py [--dir DIR] [--appenders 64] [--duration 10]
         [--batch 1000] [--batched 200000] [--leaves 10000000] [--samples 20000]
         [--synchronous NORMAL|FULL] [--skip-big]
 
@@ -32,17 +32,12 @@ import shutil
 import sqlite3
 import statistics
 import struct
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-try:
-    from teleledger.ledger.log import merkle
-except ModuleNotFoundError:  # run from a checkout without PYTHONPATH=src
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-    from teleledger.ledger.log import merkle
+from teleledger.ledger.log import merkle
 
 from rich.console import Console
 from rich.progress import (

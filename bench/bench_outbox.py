@@ -1,6 +1,6 @@
 """Benchmark of the chain outbox and the indexer on the embedded chain (teleledger.ledger.chain).
 
-    PYTHONPATH=src python bench/bench_outbox.py [--dir DIR] [--postgres URL] [--rows 300]
+    .venv/bin/python bench/bench_outbox.py [--dir DIR] [--postgres URL] [--rows 300]
         [--producers 8] [--burst 100]
 
 A real node (``bootstrap.build``) with its embedded py-evm chain, on a fresh SQLite file (or the
@@ -27,16 +27,10 @@ import base64
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
-
-try:
-    import teleledger  # noqa: F401
-except ModuleNotFoundError:  # run from a checkout without PYTHONPATH=src
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn

@@ -37,11 +37,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 
-try:
-    from teleledger.policy.consent import parse_consent
-except ModuleNotFoundError:  # run from a checkout without PYTHONPATH=src
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-    from teleledger.policy.consent import parse_consent
+from teleledger.policy.consent import parse_consent
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

@@ -19,19 +19,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import platform
 import random
 import ssl
-import sys
 import time
 from collections.abc import Sequence
 
-try:
-    from teleledger.ledger.log import merkle
-except ModuleNotFoundError:  # run from a checkout without PYTHONPATH=src
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-    from teleledger.ledger.log import merkle
+from teleledger.ledger.log import merkle
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
