@@ -170,9 +170,14 @@ def open_page(browser: Any, *, width: int = 1280, height: int = 900) -> Iterator
         context.close()
 
 
-def sign_in(page: Any, base: str, username: str, password: str = PASSWORD) -> None:
+def sign_in(page: Any, base: str, username: str, password: str = PASSWORD, *,
+            landing: str | None = "/portal") -> None:
+    """Sign in through the form; wait for ``landing`` (None: for whatever page comes next)."""
     page.goto(f"{base}/login")
     page.get_by_label("Username").fill(username)
     page.get_by_label("Password").fill(password)
     page.get_by_role("button", name="Sign in").click()
-    page.wait_for_load_state()
+    if landing is None:
+        page.wait_for_load_state()
+    else:
+        page.wait_for_url(f"{base}{landing}")

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.harness import ARTIFACTS, PASSWORD, WAIT_MS, browser_or_skip, chromium, serve, wait_for
+from tests.e2e.harness import ARTIFACTS, PASSWORD, WAIT_MS, browser_or_skip, chromium, serve, sign_in, wait_for
 
 DENIED = re.compile(r"\bdenied\b")
 
@@ -115,16 +115,8 @@ def page(browser):  # type: ignore[no-untyped-def]
         context.close()
 
 
-def sign_in(page, site: Site, username: str, password: str = PASSWORD) -> None:  # type: ignore[no-untyped-def]
-    page.goto(f"{site.base}/login")
-    page.get_by_label("Username").fill(username)
-    page.get_by_label("Password").fill(password)
-    page.get_by_role("button", name="Sign in").click()
-    page.wait_for_load_state()
-
-
 def open_access_log(page, site: Site) -> None:  # type: ignore[no-untyped-def]
-    sign_in(page, site, "alice")
+    sign_in(page, site.base, "alice", landing=None)
     assert page.url == f"{site.base}/portal"
     page.get_by_role("link", name="See who accessed my record").click()
     page.wait_for_url(f"{site.base}/portal/access-log")
@@ -249,7 +241,7 @@ def test_a_tampered_audit_path_fails_that_row_and_a_missing_proof_reads_as_pendi
 def test_a_wrong_password_shows_an_error_and_sets_no_cookie(page, site):
     from playwright.sync_api import expect
 
-    sign_in(page, site, "alice", "not-the-password")
+    sign_in(page, site.base, "alice", "not-the-password", landing=None)
     assert page.url.startswith(f"{site.base}/login")
     alert = page.get_by_role("alert")
     expect(alert).to_contain_text("do not match an account")
@@ -257,12 +249,12 @@ def test_a_wrong_password_shows_an_error_and_sets_no_cookie(page, site):
     assert page.context.cookies() == []
     page.screenshot(path=str(ARTIFACTS / "login-wrong-password.png"), full_page=True)
     # an unknown user reads exactly the same
-    sign_in(page, site, "nobody-here", "not-the-password")
+    sign_in(page, site.base, "nobody-here", "not-the-password", landing=None)
     expect(page.get_by_role("alert")).to_have_text(alert.inner_text())
 
 
 def test_signing_in_sets_a_strict_http_only_cookie_and_signing_out_clears_it(page, site):
-    sign_in(page, site, "alice")
+    sign_in(page, site.base, "alice", landing=None)
     (cookie,) = page.context.cookies()
     assert (cookie["name"], cookie["httpOnly"], cookie["sameSite"], cookie["path"]) == ("tl_session", True,
                                                                                       "Strict", "/")
@@ -289,7 +281,7 @@ def test_the_access_log_sends_a_signed_out_or_tampered_session_to_the_sign_in_pa
 def test_a_practitioner_gets_a_clear_403_page_for_the_access_log(page, site):
     from playwright.sync_api import expect
 
-    sign_in(page, site, "drsmith")
+    sign_in(page, site.base, "drsmith", landing=None)
     assert page.url == f"{site.base}/portal"
     expect(page.get_by_role("link", name="Who accessed my record")).to_have_count(0)
     response = page.goto(f"{site.base}/portal/access-log")

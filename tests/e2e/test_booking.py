@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import ARTIFACTS, PASSWORD, WAIT_MS, browser_or_skip, chromium, serve
+from tests.e2e.harness import ARTIFACTS, PASSWORD, WAIT_MS, browser_or_skip, chromium, serve, sign_in
 
 
 @dataclass
@@ -71,14 +71,6 @@ def page(browser):  # type: ignore[no-untyped-def]
         context.close()
 
 
-def sign_in(page, site: Site, username: str) -> None:  # type: ignore[no-untyped-def]
-    page.goto(f"{site.base}/login")
-    page.get_by_label("Username").fill(username)
-    page.get_by_label("Password").fill(PASSWORD)
-    page.get_by_role("button", name="Sign in").click()
-    page.wait_for_url(f"{site.base}/portal")
-
-
 def no_horizontal_overflow(page) -> None:  # type: ignore[no-untyped-def]
     page.set_viewport_size({"width": 390, "height": 844})
     too_wide = page.evaluate("""() => Array.from(document.querySelectorAll('body *'))
@@ -90,7 +82,7 @@ def no_horizontal_overflow(page) -> None:  # type: ignore[no-untyped-def]
 def publish_every_day(page, site: Site) -> None:  # type: ignore[no-untyped-def]
     from playwright.sync_api import expect
 
-    sign_in(page, site, "drsmith")
+    sign_in(page, site.base, "drsmith")
     page.get_by_role("navigation", name="Main").get_by_role("link", name="My availability").click()
     page.wait_for_url(f"{site.base}/visits/availability")
     # every day, all day: whatever the hour the test runs, the next 24 hours have free times
@@ -113,7 +105,7 @@ def test_a_patient_finds_a_practitioner_books_a_time_and_sees_the_visit_and_its_
     publish_every_day(page, site)
     page.get_by_role("button", name="Sign out").click()
 
-    sign_in(page, site, "alice")
+    sign_in(page, site.base, "alice")
     page.get_by_role("navigation").get_by_role("link", name="Book a visit").click()
     page.get_by_label("Name").fill("smi")
     page.get_by_role("button", name="Search").click()
@@ -156,7 +148,7 @@ def test_a_patient_finds_a_practitioner_books_a_time_and_sees_the_visit_and_its_
     # the same time for Bob: a clear message in the page, and nothing booked for him
     page.set_viewport_size({"width": 1280, "height": 900})
     page.get_by_role("button", name="Sign out").click()
-    sign_in(page, site, "bob")
+    sign_in(page, site.base, "bob")
     response = page.goto(f"{site.base}/visits/confirm?slot={chosen}")
     assert response is not None and response.status == 409
     expect(page.get_by_role("alert")).to_contain_text("already booked")
@@ -171,7 +163,7 @@ def test_a_patient_cancels_a_visit_with_the_keyboard_and_its_time_is_free_again(
 
     publish_every_day(page, site)  # again: publishing is idempotent, and this test may run alone
     page.get_by_role("button", name="Sign out").click()
-    sign_in(page, site, "bob")
+    sign_in(page, site.base, "bob")
     page.goto(f"{site.base}/visits/book/{site.doctor_id}")
     radio = page.get_by_role("radio").first
     chosen = radio.get_attribute("value")
@@ -192,7 +184,7 @@ def test_a_patient_cancels_a_visit_with_the_keyboard_and_its_time_is_free_again(
 def test_a_patient_gets_a_clear_403_page_for_the_availability_form(page, site):
     from playwright.sync_api import expect
 
-    sign_in(page, site, "alice")
+    sign_in(page, site.base, "alice")
     expect(page.get_by_role("link", name="My availability")).to_have_count(0)
     response = page.goto(f"{site.base}/visits/availability")
     assert response is not None and response.status == 403

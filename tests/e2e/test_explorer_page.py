@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import ARTIFACTS, PASSWORD, browser_or_skip, chromium, open_page, serve, wait_for
+from tests.e2e.harness import ARTIFACTS, PASSWORD, browser_or_skip, chromium, open_page, serve, sign_in, wait_for
 
 
 @dataclass
@@ -51,18 +51,10 @@ def page(browser):  # type: ignore[no-untyped-def]
         yield p
 
 
-def sign_in(page, site: Site, username: str) -> None:  # type: ignore[no-untyped-def]
-    page.goto(f"{site.base}/login")
-    page.get_by_label("Username").fill(username)
-    page.get_by_label("Password").fill(PASSWORD)
-    page.get_by_role("button", name="Sign in").click()
-    page.wait_for_url(f"{site.base}/portal")
-
-
 def test_an_admin_sees_the_anchor_transaction_decoded_and_matched_with_the_logs_checkpoint(page, site):
     from playwright.sync_api import expect
 
-    sign_in(page, site, "ops")
+    sign_in(page, site.base, "ops")
     page.get_by_role("link", name="Chain explorer").click()
     page.wait_for_url(f"{site.base}/admin/chain")
     expect(page.get_by_role("heading", level=1)).to_have_text("Chain explorer")
@@ -93,7 +85,7 @@ def test_an_admin_sees_the_anchor_transaction_decoded_and_matched_with_the_logs_
 def test_a_researcher_gets_the_403_page_and_no_explorer_link(page, site):
     from playwright.sync_api import expect
 
-    sign_in(page, site, "rita")
+    sign_in(page, site.base, "rita")
     expect(page.get_by_role("link", name="Chain explorer")).to_have_count(0)
     response = page.goto(f"{site.base}/admin/chain")
     assert response is not None and response.status == 403

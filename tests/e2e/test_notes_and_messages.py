@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.harness import ARTIFACTS, PASSWORD, WAIT_MS, browser_or_skip, chromium, serve
+from tests.e2e.harness import ARTIFACTS, PASSWORD, WAIT_MS, browser_or_skip, chromium, serve, sign_in
 
 SUBJECTIVE = "Headache for three days, worse in the evening."
 PLAN = "Rest, fluids, paracetamol as needed. Message me if it gets worse."
@@ -98,14 +98,6 @@ def new_page(browser):  # type: ignore[no-untyped-def]
             context.close()
 
 
-def sign_in(page, site: Site, username: str) -> None:  # type: ignore[no-untyped-def]
-    page.goto(f"{site.base}/login")
-    page.get_by_label("Username").fill(username)
-    page.get_by_label("Password").fill(PASSWORD)
-    page.get_by_role("button", name="Sign in").click()
-    page.wait_for_url(f"{site.base}/portal")
-
-
 def no_horizontal_overflow(page) -> None:  # type: ignore[no-untyped-def]
     width = page.evaluate("window.innerWidth")
     assert page.evaluate("document.documentElement.scrollWidth") <= width + 1, "the page is wider than the screen"
@@ -115,7 +107,7 @@ def test_the_practitioner_signs_a_note_and_the_patient_sees_it_verified(new_page
     from playwright.sync_api import expect
 
     doc = new_page()
-    sign_in(doc, site, "drsmith")
+    sign_in(doc, site.base, "drsmith")
     note_url = f"{site.base}/console/encounters/{site.encounter_id}/note"
     doc.goto(note_url)
     expect(doc.get_by_role("heading", level=1)).to_have_text("Visit note")
@@ -129,7 +121,7 @@ def test_the_practitioner_signs_a_note_and_the_patient_sees_it_verified(new_page
 
     # the patient sees nothing before signing
     patient = new_page()
-    sign_in(patient, site, "alice")
+    sign_in(patient, site.base, "alice")
     patient.get_by_role("navigation", name="Main").get_by_role("link", name="My notes").click()
     expect(patient.locator("#no-notes")).to_be_visible()
 
@@ -172,7 +164,7 @@ def test_another_practitioner_is_refused_signing_with_a_clear_message(new_page, 
     from playwright.sync_api import expect
 
     jones = new_page()
-    sign_in(jones, site, "drjones")
+    sign_in(jones, site.base, "drjones")
     response = jones.goto(f"{site.base}/console/encounters/{site.encounter_id}/note")
     assert response is not None and response.status == 403
     expect(jones.get_by_role("alert")).to_contain_text("Only the practitioner of this encounter may write or sign its note")
@@ -183,7 +175,7 @@ def test_the_patient_messages_the_practitioner_who_sees_the_badge_and_replies(ne
     from playwright.sync_api import expect
 
     patient = new_page()
-    sign_in(patient, site, "alice")
+    sign_in(patient, site.base, "alice")
     patient.get_by_role("navigation", name="Main").get_by_role("link", name="Messages").click()
     patient.wait_for_url(f"{site.base}/portal/messages")
     expect(patient.get_by_label("Dr Jo Smith")).to_be_checked()
@@ -211,7 +203,7 @@ def test_the_patient_messages_the_practitioner_who_sees_the_badge_and_replies(ne
     expect(patient.locator("#messages .attachment")).to_contain_text("readings.txt")
 
     doc = new_page()
-    sign_in(doc, site, "drsmith")
+    sign_in(doc, site.base, "drsmith")
     badge = doc.locator("#nav-unread")
     expect(badge).to_have_text("1 unread")
     expect(doc.locator("#notifications")).to_contain_text("1 unread message")
