@@ -169,15 +169,21 @@ def users_create(
     password: Annotated[str, typer.Option()],
     patient: Annotated[Optional[str], typer.Option(help="Patient/ID for a patient account")] = None,
     practitioner: Annotated[Optional[str], typer.Option(help="Practitioner/ID for a practitioner account")] = None,
+    organization: Annotated[Optional[str], typer.Option(
+        help="Organization/ID the account acts for (practitioner, pharmacist, payer, researcher, admin)")] = None,
+    related_person: Annotated[Optional[str], typer.Option(
+        help="RelatedPerson/ID a delegate (parent, guardian, caregiver) acts as; patient accounts only")] = None,
 ) -> None:
     """Create an account."""
     node = _node(_settings())
     try:
-        for ref, rt in ((patient, "Patient"), (practitioner, "Practitioner")):
+        for ref, rt in ((patient, "Patient"), (practitioner, "Practitioner"), (organization, "Organization"),
+                        (related_person, "RelatedPerson")):
             if ref and not node.records.exists(rt, ref.split("/", 1)[-1]):
                 _fail(f"{ref} does not exist on this node; import or create it first")
         account = node.accounts.create_user(username=username, password=password, role=role, patient=patient,
-                                            practitioner=practitioner)
+                                            practitioner=practitioner, organization=organization,
+                                            related_person=related_person)
     except TeleledgerError as exc:
         _fail(exc.message)
     typer.echo(f"created {account.role} account {account.username} ({account.id})")

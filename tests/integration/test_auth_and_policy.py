@@ -110,6 +110,47 @@ def token_request(client, **form: str):  # type: ignore[no-untyped-def]
 # ---- accounts and the token endpoint --------------------------------------------------------------
 
 
+def test_accounts_linked_to_an_organization_or_a_related_person_carry_it_in_the_token_and_principal(world):
+    from teleledger.policy.model import Principal
+
+    client, node, ids = world.client, world.node, world.ids
+    org = create(client, world.service, {"resourceType": "Organization", "name": "Corner Pharmacy"})["id"]
+    rp = create(client, world.service, {"resourceType": "RelatedPerson", "patient": {"reference":
+                                        f"Patient/{ids['alice']}"}})["id"]
+    node.accounts.create_user(username="chemist", password=PASSWORD, role="pharmacist",
+                              organization=f"Organization/{org}")
+    node.accounts.create_user(username="mum", password=PASSWORD, role="patient", related_person=f"RelatedPerson/{rp}")
+    node.accounts.create_user(username="mum2", password=PASSWORD, role="patient", patient=f"Patient/{ids['bob']}",
+                              related_person=f"RelatedPerson/{rp}")
+    expected = {"chemist": ({f"Organization/{org}"}, None, None), "mum": ({f"RelatedPerson/{rp}"}, None, None),
+                "mum2": ({f"RelatedPerson/{rp}"}, ids["bob"], f"Patient/{ids['bob']}")}
+    for username, (refs, patient_id, fhir_user) in expected.items():
+        r = token_request(client, grant_type="password", username=username, password=PASSWORD)
+        assert r.status_code == 200, r.text
+        claims = node.verifier.verify(r.json()["access_token"])
+        principal = Principal.from_claims(claims)
+        assert principal.actor_refs == frozenset(refs) and principal.patient_id == patient_id
+        if fhir_user is not None:
+            assert claims.fhir_user == fhir_user
+    mum = node.verifier.verify(token_request(client, grant_type="password", username="mum",
+                                             password=PASSWORD).json()["access_token"])
+    assert mum.fhir_user == f"RelatedPerson/{rp}" and mum.patient is None
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"role": "patient"}, "needs --patient"),
+    ({"role": "pharmacist", "related_person": "RelatedPerson/x"}, "only patient accounts act as a RelatedPerson"),
+    ({"role": "patient", "patient": "Patient/p", "organization": "Organization/o"}, "not linked to an Organization"),
+    ({"role": "pharmacist", "organization": "Practitioner/o"}, "expected a reference like Organization/ID"),
+])
+def test_account_links_that_make_no_sense_are_refused_and_nothing_is_stored(node, kwargs, message):
+    from teleledger.core.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match=message):
+        node.accounts.create_user(username="linked", password=PASSWORD, **kwargs)
+    assert node.accounts.get_by_username("linked") is None
+
+
 def test_stored_password_and_client_secret_are_argon2id_hashes_not_the_secrets(node):
     node.accounts.create_user(username="hashme", password=PASSWORD, role="admin")
     node.accounts.create_client(client_id="hashed-client", secret=CLIENT_SECRET, scopes="system/*.rs")

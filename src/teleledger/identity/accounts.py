@@ -10,7 +10,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError
@@ -26,7 +26,9 @@ if TYPE_CHECKING:
 
 ROLES = ("patient", "practitioner", "pharmacist", "payer", "researcher", "admin")
 _USERNAME = re.compile(r"^[A-Za-z0-9._@-]{3,128}$")
-_REF = re.compile(r"^(Patient|Practitioner)/([A-Za-z0-9\-.]{1,64})$")
+_REF = re.compile(r"^(Patient|Practitioner|Organization|RelatedPerson)/([A-Za-z0-9\-.]{1,64})$")
+#: roles whose accounts may act for an Organization (a consent naming it reaches them)
+ORGANIZATION_ROLES = ("practitioner", "pharmacist", "payer", "researcher", "admin")
 
 
 @dataclass(frozen=True)
@@ -36,11 +38,23 @@ class Account:
     role: str
     patient_id: str | None
     practitioner_id: str | None
+    organization_id: str | None = None
+    related_person_id: str | None = None
 
     @property
     def fhir_user(self) -> str | None:
-        """The SMART ``fhirUser`` of this person: their Patient or Practitioner resource."""
-        return fhir_user(self.patient_id, self.practitioner_id)
+        """The SMART ``fhirUser`` of this person: their Patient, Practitioner or RelatedPerson."""
+        return fhir_user(self.patient_id, self.practitioner_id, self.related_person_id)
+
+    def token_links(self) -> dict[str, str | None]:
+        """The token claims that link the account to FHIR resources (``TokenIssuer.issue`` kwargs)."""
+        return {"patient": self.patient_id, "fhir_user": self.fhir_user, "organization": self.organization_id,
+                "related_person": self.related_person_id}
+
+
+def _account(row: Any) -> Account:
+    return Account(row.id, row.username, row.role, row.patient_id, row.practitioner_id, row.organization_id,
+                   row.related_person_id)
 
 
 @dataclass(frozen=True)
@@ -68,7 +82,11 @@ class Accounts:
         self._dummy = hasher.hash("not-a-real-password-0")
 
     def create_user(self, *, username: str, password: str, role: str, patient: str | None = None,
-                    practitioner: str | None = None) -> Account:
+                    practitioner: str | None = None, organization: str | None = None,
+                    related_person: str | None = None) -> Account:
+        """A new account. A patient account is linked to their Patient, or to the RelatedPerson
+        they act as for someone else (a parent, guardian or caregiver: a delegate), or both; a
+        practitioner to their Practitioner; any other role may name its Organization."""
         if role not in ROLES:
             raise InvalidInput(f"unknown role {role!r}; one of {', '.join(ROLES)}")
         if not _USERNAME.fullmatch(username):
@@ -76,18 +94,27 @@ class Accounts:
         check_password_policy(password)
         patient_id = parse_link(patient, "Patient")
         practitioner_id = parse_link(practitioner, "Practitioner")
-        if role == "patient" and not patient_id:
-            raise InvalidInput("a patient account needs --patient Patient/ID")
+        organization_id = parse_link(organization, "Organization")
+        related_person_id = parse_link(related_person, "RelatedPerson")
+        if role == "patient" and not (patient_id or related_person_id):
+            raise InvalidInput("a patient account needs --patient Patient/ID (or --related-person RelatedPerson/ID "
+                               "for a delegate)")
+        if role != "patient" and related_person_id:
+            raise InvalidInput("only patient accounts act as a RelatedPerson (a delegate)")
+        if role not in ORGANIZATION_ROLES and organization_id:
+            raise InvalidInput(f"a {role} account is not linked to an Organization")
         if role == "practitioner" and not practitioner_id:
             raise InvalidInput("a practitioner account needs --practitioner Practitioner/ID")
         if role != "patient" and patient_id:
             raise InvalidInput("only patient accounts are linked to a Patient")
-        account = Account(str(uuid.uuid4()), username, role, patient_id, practitioner_id)
+        account = Account(str(uuid.uuid4()), username, role, patient_id, practitioner_id, organization_id,
+                          related_person_id)
         with UnitOfWork(self.engine) as uow:
             try:
                 uow.c.execute(t.users.insert().values(
                     id=account.id, username=username, password_hash=self.hasher.hash(password), role=role,
-                    patient_id=patient_id, practitioner_id=practitioner_id, active=True, created=int(time.time()),
+                    patient_id=patient_id, practitioner_id=practitioner_id, organization_id=organization_id,
+                    related_person_id=related_person_id, active=True, created=int(time.time()),
                 ))
                 if self.keystore is not None:
                     self.keystore.ensure_in(uow.c, f"user:{username}")
@@ -99,7 +126,7 @@ class Accounts:
     def get_by_username(self, username: str) -> Account | None:
         with UnitOfWork(self.engine) as uow:
             row = uow.c.execute(select(t.users).where(t.users.c.username == username)).first()
-        return None if row is None else Account(row.id, row.username, row.role, row.patient_id, row.practitioner_id)
+        return None if row is None else _account(row)
 
     def authenticate(self, username: str, password: str) -> Account:
         if not _USERNAME.fullmatch(username):
@@ -112,7 +139,7 @@ class Accounts:
             raise Unauthenticated("invalid credentials")
         if not self.hasher.verify(row.password_hash, password):
             raise Unauthenticated("invalid credentials")
-        return Account(row.id, row.username, row.role, row.patient_id, row.practitioner_id)
+        return _account(row)
 
     def role_scopes(self, role: str) -> ScopeSet:
         return ScopeSet.parse(ROLE_SCOPES[role])

@@ -484,8 +484,10 @@ ROLE_SCOPE_SETS: Final[Mapping[str, ScopeSet]] = MappingProxyType(
 )
 
 
-def fhir_user(patient_id: str | None, practitioner_id: str | None) -> str | None:
-    """The SMART ``fhirUser`` of a person: their Patient or Practitioner resource, if linked."""
+def fhir_user(patient_id: str | None, practitioner_id: str | None, related_person_id: str | None = None) -> str | None:
+    """The SMART ``fhirUser`` of a person: their Patient, Practitioner or RelatedPerson, if linked."""
     if patient_id:
         return f"Patient/{patient_id}"
-    return f"Practitioner/{practitioner_id}" if practitioner_id else None
+    if practitioner_id:
+        return f"Practitioner/{practitioner_id}"
+    return f"RelatedPerson/{related_person_id}" if related_person_id else None

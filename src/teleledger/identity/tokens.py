@@ -141,6 +141,10 @@ class Claims:
     patient: str | None
     fhir_user: str | None
     client_id: str | None
+    #: the Organization id the account acts for (claim ``organization``)
+    organization: str | None = None
+    #: the RelatedPerson id a delegate acts as (claim ``related_person``)
+    related_person: str | None = None
 
 
 class TokenIssuer:
@@ -185,6 +189,8 @@ class TokenIssuer:
         patient: str | None = None,
         fhir_user: str | None = None,
         client_id: str | None = None,
+        organization: str | None = None,
+        related_person: str | None = None,
     ) -> IssuedToken:
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}")
@@ -211,6 +217,10 @@ class TokenIssuer:
             claims["fhirUser"] = fhir_user
         if client_id is not None:
             claims["client_id"] = client_id
+        if organization is not None:
+            claims["organization"] = organization
+        if related_person is not None:
+            claims["related_person"] = related_person
         token = jwt.encode(
             claims,
             self._private_key,
@@ -324,7 +334,8 @@ class TokenVerifier:
             raise Unauthenticated("access token claims are malformed")
         if role not in ROLES:
             raise Unauthenticated("access token role is not recognised")
-        optional = {name: payload.get(name) for name in ("patient", "fhirUser", "client_id")}
+        optional = {name: payload.get(name) for name in ("patient", "fhirUser", "client_id", "organization",
+                                                          "related_person")}
         if any(value is not None and not isinstance(value, str) for value in optional.values()):
             raise Unauthenticated("access token claims are malformed")
         scope = payload.get("scope")
@@ -347,4 +358,6 @@ class TokenVerifier:
             patient=optional["patient"],
             fhir_user=optional["fhirUser"],
             client_id=optional["client_id"],
+            organization=optional["organization"],
+            related_person=optional["related_person"],
         )

@@ -49,5 +49,10 @@ break_glass_claims = Table(
     Column("patient_id", String(64), nullable=False),
     Column("started", BigInteger, nullable=False),
     Column("expires", BigInteger, nullable=False),
+    #: the claimant's organization, whose privacy officer reviews the claim
+    Column("organization_id", String(64), nullable=True),
+    #: the written reason, sealed under the patient's data key (never stored or logged in clear)
+    Column("reason_sealed", LargeBinary, nullable=True),
     Index("ix_break_glass_patient", "patient_id"),
+    Index("ix_break_glass_organization", "organization_id"),
 )

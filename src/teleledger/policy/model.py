@@ -99,6 +99,8 @@ class Principal:
         Only a patient's token links the principal to a Patient (its ``patient`` claim): for any
         other role that claim is a launch context (the patient on screen), never an identity.
         Only a practitioner is linked to a Practitioner, through ``fhirUser = Practitioner/<id>``.
+        ``actor_refs`` gets the ``organization`` claim of a member and the ``related_person``
+        claim of a patient account that acts as a delegate.
         """
         patient_id = claims.patient if claims.role == "patient" else None
         practitioner_id = None
@@ -106,6 +108,13 @@ class Principal:
             kind, _, ident = claims.fhir_user.partition("/")
             if kind == "Practitioner" and ident and "/" not in ident:
                 practitioner_id = ident
+        # what consents can name: the account's Organization (its members: practitioners,
+        # pharmacists, payers, researchers) and a delegate's RelatedPerson
+        refs: set[str] = set()
+        if claims.organization and claims.role not in ("patient", "service"):
+            refs.add(f"Organization/{claims.organization}")
+        if claims.related_person and claims.role == "patient":
+            refs.add(f"RelatedPerson/{claims.related_person}")
         return cls(
             subject=claims.subject,
             role=claims.role,
@@ -113,6 +122,7 @@ class Principal:
             patient_id=patient_id,
             practitioner_id=practitioner_id,
             purpose=purpose,
+            actor_refs=frozenset(refs),
         )
 
 

@@ -169,6 +169,10 @@ users = Table(
     Column("role", String(32), nullable=False),
     Column("patient_id", String(64), nullable=True),
     Column("practitioner_id", String(64), nullable=True),
+    #: the Organization a member acts for (pharmacy, payer, clinic, research organization)
+    Column("organization_id", String(64), nullable=True),
+    #: the RelatedPerson a delegate (parent, guardian, caregiver) acts as
+    Column("related_person_id", String(64), nullable=True),
     Column("active", Boolean, nullable=False, default=True),
     Column("created", BigInteger, nullable=False),
 )

@@ -57,8 +57,7 @@ async def token(request: Request, node: NodeDep) -> Response:
             account = await run_in_threadpool(node.accounts.authenticate, username, password)
             allowed = node.accounts.role_scopes(account.role)
             scopes = allowed.narrow(requested) if requested else allowed
-            issued = node.issuer.issue(account.id, account.role, scopes, patient=account.patient_id,
-                                       fhir_user=account.fhir_user, client_id=None)
+            issued = node.issuer.issue(account.id, account.role, scopes, **account.token_links())
         elif grant == "client_credentials":
             creds = _basic(request) or (str(form.get("client_id", "")), str(form.get("client_secret", "")))
             if not creds[0] or not creds[1]:

@@ -106,7 +106,7 @@ async def login(request: Request, node: NodeDep) -> Response:
         return _login_page(request, username=username, next_page=next_page, status=400, error=LOGIN_FAILED)
     # the same token the password grant of POST /auth/token issues
     issued = node.issuer.issue(account.id, account.role, node.accounts.role_scopes(account.role),
-                               patient=account.patient_id, fhir_user=account.fhir_user, client_id=None)
+                               **account.token_links())
     response = RedirectResponse(next_page, status_code=303, headers={"Cache-Control": "no-store"})
     response.set_cookie(COOKIE, issued.access_token, max_age=issued.expires_in, path="/", httponly=True,
                         samesite="strict", secure=node.settings.public_url.startswith("https://"))
