@@ -183,3 +183,37 @@ def test_a_chain_write_recorded_on_standby_survives_the_holders_absence(tmp_path
     finally:
         node.close()
 
+
+
+def test_chain_commands_leave_the_embedded_chain_of_a_running_node_alone(tmp_path) -> None:
+    """``teleledger chain status`` while a server holds the embedded chain reads the head without
+    opening the chain; ``chain deploy`` refuses (two sealers on one chain would fork it)."""
+    import json
+
+    settings = settings_for(tmp_path, "sqlite")
+    env = {**os.environ, "TELELEDGER_HOME": str(settings.home), "TELELEDGER_DATABASE_URL": settings.database_url,
+           "TELELEDGER_MASTER_KEY": settings.master_key, "TELELEDGER_ENVIRONMENT": "test",
+           "TELELEDGER_DEMO_DATA": "false", "TELELEDGER_CHAIN_ENABLED": "true"}
+    env.pop("TELELEDGER_CHAIN_URL", None)
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "teleledger.cli", "chain", *args], env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    holder = build(settings)
+    try:
+        head = holder.chain.client.block_number()
+        r = cli("status")
+        assert r.returncode == 0, r.stderr
+        status = json.loads(r.stdout)
+        assert status["mode"] == "embedded" and status["block_number"] == head
+        assert status["held_by_process"] == os.getpid()
+        assert status["contracts"] == holder.chain.addresses
+        r = cli("deploy")
+        assert r.returncode != 0 and "held by a running teleledger" in r.stderr and "Traceback" not in r.stderr
+        assert holder.chain.client.block_number() == head  # nothing was sealed by the command
+    finally:
+        holder.close()
+    r = cli("status")  # the server stopped: the command opens the chain itself
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["block_number"] == head and "held_by_process" not in json.loads(r.stdout)

@@ -756,3 +756,24 @@ def _tx_hash_bytes(tx_hash: str) -> bytes:
     if len(raw) != 32:
         raise InvalidTransaction(f"a transaction hash is 32 bytes of 0x-hex, found {len(raw)} bytes")
     return raw
+
+
+def peek_head(path: Path | str) -> tuple[int, int] | None:
+    """(chain id, head block number) of the embedded chain stored in ``path``, read without
+    opening it: a read-only SQLite connection, no sealer, no lock, so a CLI command can report on
+    the chain a running server holds. None when no chain was created there yet."""
+    from eth.db.chain import ChainDB
+
+    db_file = Path(path) / DB_FILE
+    if not db_file.exists():
+        return None
+    conn = sqlite3.connect(f"{db_file.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
+    try:
+        meta = dict(conn.execute("SELECT k, v FROM meta").fetchall())
+        if not meta:
+            return None
+        head = ChainDB(AtomicDB(SQLiteKV(conn))).get_canonical_head()
+        return int(meta["chain_id"]), int(head.block_number)
+    finally:
+        conn.close()
+

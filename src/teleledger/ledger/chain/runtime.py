@@ -33,6 +33,8 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +107,22 @@ class _HomeLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+@contextmanager
+def embedded_chain_lock(settings: Any) -> Iterator[str | None]:
+    """For a command that opens the chain itself (``teleledger chain``): hold the embedded
+    chain's home lock while it runs. Yields None when the command may open the chain (it holds
+    the lock, or the chain is external), else the process id of the server that holds it — two
+    processes must never seal blocks on one embedded chain."""
+    if settings.chain_url:
+        yield None
+        return
+    lock = _HomeLock(Path(settings.home) / "chain")
+    try:
+        yield None if lock.held else lock.holder()
+    finally:
+        lock.release()
 
 
 def open_chain_client(settings: Any, keystore: Any) -> ChainClient:
