@@ -174,6 +174,8 @@ def build(settings: Settings, *, migrate_schema: bool = True) -> Node:
         default=DefaultPolicy(break_glass_ttl=timedelta(hours=settings.break_glass_hours)),
     )
     if migrate_schema:
+        if chain is not None:
+            chain.follower.skip_to_end()  # before the rebuild: what is stored after it, the follower applies
         consent_service.rebuild()  # the consent state from the chain events stored so far
     node = Node(settings, engine, master, records, BundleProcessor(records), Accounts(engine, hasher, keystore=keystore),
                 issuer, verifier, node_key, log, auditor,

@@ -217,3 +217,28 @@ def test_chain_commands_leave_the_embedded_chain_of_a_running_node_alone(tmp_pat
     r = cli("status")  # the server stopped: the command opens the chain itself
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["block_number"] == head and "held_by_process" not in json.loads(r.stdout)
+
+
+def test_a_standby_takes_the_embedded_chain_over_when_its_holder_stops(tmp_path, backend) -> None:
+    """The holder goes away (here it closes; a kill -9 releases the lock the same way): the
+    standby, watching the home lock, becomes the holder and sends what it had recorded."""
+    settings = settings_for(tmp_path, backend)
+    holder = build(settings)
+    standby = build(settings)
+    try:
+        standby.chain.start()  # standby: the follower and the takeover watch
+        assert not standby.chain.active
+        key = enqueue_anchor(standby, 1)
+        assert not standby.chain.take_over()  # the holder is alive: nothing happens
+        head = holder.chain.client.block_number()
+        holder.close()
+        deadline = time.monotonic() + 15
+        while not standby.chain.active and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert standby.chain.active and standby.chain.status()["role"] == "active"
+        assert standby.chain.client.block_number() >= head  # the same chain, not a new one
+        assert standby.chain.wait(key, timeout=15).status == "done"  # its own worker sent the row
+        assert standby.chain.indexer is not None and standby.chain.indexer.running
+    finally:
+        standby.close()
+        holder.close()

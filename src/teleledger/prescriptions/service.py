@@ -241,9 +241,9 @@ class PrescriptionService:
         self._pseudonym_key = pseudonym_key
         self._now = now
         self._member_lock = threading.Lock()
-        if chain is not None and chain.indexer is not None:
-            chain.indexer.on("Dispensed", self._on_dispensed)
-            chain.indexer.on("PrescriptionCancelled", self._on_cancelled)
+        if chain is not None:  # also attached to the indexer of a standby that takes the chain over
+            chain.on("Dispensed", self._on_dispensed)
+            chain.on("PrescriptionCancelled", self._on_cancelled)
 
     @classmethod
     def for_node(cls, node: Any) -> PrescriptionService:

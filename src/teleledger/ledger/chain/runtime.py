@@ -20,8 +20,11 @@ what to do — rather than run against the wrong chain:
 One process per home holds the embedded chain (an exclusive lock on ``<home>/chain/runtime.lock``;
 the kernel releases it when the process dies, even by kill -9). Another process on the same home
 — a second ``teleledger serve``, a CLI command while the server runs — gets a *standby* runtime:
-it records chain writes in the outbox (the holder sends them) but runs no background work and has
-no client. External chains have no such limit: every process is active, and the outbox and
+it records chain writes in the outbox (the holder sends them) and has no client, and it watches
+the lock: when the holder is gone (stopped, or killed) the standby takes the chain over and runs
+the outbox worker, indexer and anchorer itself (``ChainRuntime.take_over``). Every process, active
+or standby, runs an ``EventFollower`` that keeps in-memory projections (the consent index) current
+with the events any process indexed. External chains have no such limit: every process is active, and the outbox and
 indexer coordinate through the database.
 
 ``start()``/``stop()`` run the background threads (the web app's lifespan calls them);
@@ -61,7 +64,9 @@ from teleledger.ledger.chain.deploy import (
     recorded_deployment_block,
     save_addresses,
 )
-from teleledger.ledger.chain.indexer import Indexer
+from teleledger.ledger.chain.follower import EventFollower
+from teleledger.ledger.chain.background import BackgroundThread
+from teleledger.ledger.chain.indexer import Indexer, Projector
 from teleledger.ledger.chain.outbox import OutboxEntry, OutboxWorker, wait
 from teleledger.ledger.chain.storage import chain_outbox
 from teleledger.storage import tables as t
@@ -72,6 +77,8 @@ log = logging.getLogger("teleledger.chain")
 
 AUTHORITY_KEY_ID = "node:authority"
 LOCK_FILE = "runtime.lock"
+#: how often a standby checks whether the embedded chain's holder is gone (seconds)
+TAKEOVER_INTERVAL = 1.0
 #: node_meta key: "<chain id>:<genesis block hash>" of the chain this database's outbox targets
 CHAIN_IDENTITY = "chain-identity"
 
@@ -107,6 +114,24 @@ class _HomeLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+class _Takeover(BackgroundThread):
+    """A standby's watch on the embedded chain's home lock: when the holder is gone (stopped or
+    killed, the kernel released its lock), this process takes the chain over."""
+
+    def __init__(self, runtime: ChainRuntime, interval: float = TAKEOVER_INTERVAL) -> None:
+        self.runtime = runtime
+        self.interval = interval
+        self._init_thread("chain-takeover", "the standby's chain takeover watch")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                if self.runtime.take_over():
+                    return
+            except Exception:  # the chain could not be opened now: keep standing by, try again
+                log.exception("taking over the embedded chain failed; still on standby")
 
 
 @contextmanager
@@ -155,25 +180,73 @@ class ChainRuntime:
         self.keystore = keystore
         self.origin = origin
         self.org = org
-        self.client = client
         self.addresses = dict(addresses or {})
         self.authority = authority
         self.registration_error = registration_error
         self._lock = lock
         self._owns_client = owns_client
+        self.client = None
         self.worker: OutboxWorker | None = None
         self.indexer: Indexer | None = None
         self.anchorer: Anchorer | None = None
+        #: indexer projectors, kept to attach them to an indexer a standby creates when it takes over
+        self._projectors: list[tuple[str, Projector]] = []
+        #: in-memory projections of the stored events, in every process (active or standby)
+        self.follower = EventFollower(engine, poll_interval=settings.chain_poll_interval)
+        self._takeover = _Takeover(self) if lock is not None and client is None else None
         if client is not None:
-            confirmations = settings.chain_confirmations
-            poll = settings.chain_poll_interval
-            self.worker = OutboxWorker(engine, client, keystore, self.addresses, confirmations, poll_interval=poll)
-            self.indexer = Indexer(engine, client, self.addresses, confirmations, poll_interval=poll,
-                                   start_block=recorded_deployment_block(addresses_path(settings.home)))
-            self.anchorer = Anchorer(engine, origin, org, sender=AUTHORITY_KEY_ID,
-                                     interval=settings.anchor_interval_seconds,
-                                     on_enqueued=lambda _key: self.worker.kick() if self.worker else None)
+            self._attach(client)
         self._started = False
+
+    def _attach(self, client: ChainClient) -> None:
+        """Build the parts that need a client; ``client`` is set last, so that a request thread
+        that sees ``active`` also sees the worker and the indexer."""
+        settings, engine = self.settings, self.engine
+        confirmations = settings.chain_confirmations
+        poll = settings.chain_poll_interval
+        self.worker = OutboxWorker(engine, client, self.keystore, self.addresses, confirmations, poll_interval=poll)
+        self.indexer = Indexer(engine, client, self.addresses, confirmations, poll_interval=poll,
+                               start_block=recorded_deployment_block(addresses_path(settings.home)))
+        for name, fn in self._projectors:
+            self.indexer.on(name, fn)
+        self.anchorer = Anchorer(engine, self.origin, self.org, sender=AUTHORITY_KEY_ID,
+                                 interval=settings.anchor_interval_seconds,
+                                 on_enqueued=lambda _key: self.worker.kick() if self.worker else None)
+        self.client = client
+
+    def on(self, event_name: str, fn: Projector) -> None:
+        """Register an indexer projector (database projections: runs once, in the process that
+        indexes the event); it is attached to the indexer of a standby that takes over too."""
+        self._projectors.append((event_name, fn))
+        if self.indexer is not None:
+            self.indexer.on(event_name, fn)
+
+    def take_over(self) -> bool:
+        """A standby tries once to become the holder of the embedded chain (the holder stopped,
+        perhaps killed): take its home lock, open and check the chain, start the background
+        work. True when this process holds the chain now."""
+        if self.active:
+            return True
+        assert self._lock is not None
+        lock = _HomeLock(self._lock.path.parent)
+        if not lock.held:
+            return False
+        try:
+            client, addresses, authority, registration_error = _prepare(self.settings, self.engine, self.keystore,
+                                                                        self.org, None)
+        except BaseException:
+            lock.release()
+            raise
+        self._lock.release()
+        self._lock = lock
+        self.addresses.clear()
+        self.addresses.update(addresses)
+        self.authority, self.registration_error = authority, registration_error
+        self._attach(client)
+        log.warning("this process took over the embedded chain of %s", self.settings.home)
+        if self._started:
+            self._start_active()
+        return True
 
     @property
     def active(self) -> bool:
@@ -188,18 +261,28 @@ class ChainRuntime:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """Run the outbox worker, the indexer and the anchorer in background threads (active only)."""
-        if self._started or not self.active:
+        """Run the event follower (every process) and, when active, the outbox worker, the indexer
+        and the anchorer in background threads."""
+        if self._started:
             return
+        if not self.follower.positioned:
+            self.follower.skip_to_end()  # what is stored now was projected when the node was built
+        self.follower.start()
+        self._started = True
+        if self.active:
+            self._start_active()
+        elif self._takeover is not None:
+            self._takeover.start()
+
+    def _start_active(self) -> None:
         assert self.worker and self.indexer and self.anchorer
         self.worker.start()
         self.indexer.start()
         if self.registration_error is None:
             self.anchorer.start()
-        self._started = True
 
     def stop(self) -> None:
-        for part in (self.anchorer, self.indexer, self.worker):
+        for part in (self._takeover, self.anchorer, self.indexer, self.worker, self.follower):
             if part is not None:
                 part.stop()
         self._started = False
@@ -284,6 +367,22 @@ def open_runtime(settings: Any, engine: Engine, keystore: Any, log_: Any, *,
                                 addresses=addresses, lock=lock)
     owns = client is None
     try:
+        client, addresses, authority, registration_error = _prepare(settings, engine, keystore, org, client)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return ChainRuntime(settings=settings, engine=engine, keystore=keystore, origin=origin, org=org, client=client,
+                        addresses=addresses, authority=authority, lock=lock, owns_client=owns,
+                        registration_error=registration_error)
+
+
+def _prepare(settings: Any, engine: Engine, keystore: Any, org: bytes,
+             client: ChainClient | None) -> tuple[ChainClient, dict[str, str], str, str | None]:
+    """Open (unless given) and check the chain, deploying and registering on an embedded one:
+    (client, contract addresses, authority address, why anchoring is off or None)."""
+    owns = client is None
+    try:
         key = keystore.key(AUTHORITY_KEY_ID)
         authority = key.public_key.to_checksum_address()
         if client is None:
@@ -299,14 +398,10 @@ def open_runtime(settings: Any, engine: Engine, keystore: Any, log_: Any, *,
     except BaseException:
         if owns and client is not None:
             client.close()
-        if lock is not None:
-            lock.release()
         raise
     if registration_error:
         log.warning("anchoring is off: %s", registration_error)
-    return ChainRuntime(settings=settings, engine=engine, keystore=keystore, origin=origin, org=org, client=client,
-                        addresses=addresses, authority=authority, lock=lock, owns_client=owns,
-                        registration_error=registration_error)
+    return client, addresses, authority, registration_error
 
 
 def _contracts(settings: Any, client: ChainClient, key: Any, authority: str) -> dict[str, str]:
