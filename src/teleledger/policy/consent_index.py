@@ -36,23 +36,32 @@ patient's deny: that is what break-glass is for, and why it is time-limited (def
 and flagged BTG in the audit. An expired claim gives ``break-glass-expired`` only when no
 consent decides.
 
-Hot path: ``grant`` looks the patient up (its grantee refs as a frozenset, grantee ref →
-compiled consents, the consents to anyone), returns at once when none concerns the principal,
-and otherwise compares floats and tests membership in frozensets prepared when the grant was
-applied; it allocates nothing but Python's own frames, and its Decisions are built once per
-consent and claim. ``search_view`` is heavier (it visits every patient whose consents name the
-principal or anyone), so its results are cached until the index changes or the clock reaches
-the next instant at which a consent or claim it looked at starts or ends.
+Hot path (``bench/bench_policy.py``; figures in ``bench/RESULTS.md``): besides the per-patient
+layout (for ``search_view`` and resources of several patients), the consents are laid out per
+grantee ref — a "lane": ref → patient → compiled consents — and again without the consents whose
+root names sensitivity labels, which never apply to a resource without labels, as most are.
+``grant`` reads the ANYONE lane and one lane per actor ref for the patient (and, for an
+emergency purpose, the practitioner's claim): a few look-ups in dicts that stay in the CPU
+cache, and nothing more when none holds a consent. Only then does it read the clock and compare
+floats and test membership in frozensets prepared when the grant was applied (the root's actor
+test is left out: a consent is granted only to actors its root names). It allocates nothing but
+Python's own frames and a set iterator, and its Decisions are built once per consent and claim.
+``search_view`` is heavier (it visits every patient whose consents name the principal or
+anyone), so its results are cached until the index changes or the clock reaches the next instant
+at which a consent or claim it looked at starts or ends.
 
-Writers (the indexer thread, the break-glass use case) hold a lock and replace a patient's
-entry as a whole, so readers never lock and never see half an update. Time comes from the
-injected ``now`` callable.
+Writers (the indexer thread, the break-glass use case) hold a lock. A patient's entry and a
+practitioner's claims are replaced as a whole; the lanes cannot be, so writers make an epoch
+odd while they change them, and a reader that found consents while the epoch was odd or moved
+reads the lanes again under the lock. Readers thus never lock in the common case and never see
+half an update. Time comes from the injected ``now`` callable.
 
 Pure core: no I/O, and nothing here is ever logged (break-glass reasons may contain PHI).
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 import uuid
@@ -196,19 +205,41 @@ def _match(n: _Node, refs: frozenset[str], action: str, purpose: str, rtype: str
 
 def _outcome(n: _Node, nested: bool, refs: frozenset[str], action: str, purpose: str, rtype: str,
              labels: frozenset[str], now: float) -> int:
-    """The verdict of a matching provision: its own type unless a matching exception overrides."""
-    children = n.children
-    if children:
-        matched = False
-        for c in children:
-            if _match(c, refs, action, purpose, rtype, labels, now):
-                r = _outcome(c, True, refs, action, purpose, rtype, labels, now)
-                if r != _PERMIT:
-                    return r  # deny wins among siblings
-                matched = True
-        if matched:
-            return _PERMIT
-    if n.permit:
+    """The verdict of a matching provision: its own type unless a matching exception overrides.
+
+    The children's match is ``_match`` inlined: this runs for every consent with exceptions
+    that applies to a request, and a call per child cost as much as the rest of the scan."""
+    matched = False
+    for c in n.children:
+        if now < c.start or now >= c.end:
+            continue
+        s = c.actions
+        if s is not None and action not in s:
+            continue
+        s = c.purposes
+        if s is not None and purpose not in s:
+            continue
+        s = c.types
+        if s is not None and rtype not in s:
+            continue
+        s = c.labels
+        if s is not None:
+            if c.permit:
+                if not labels or not labels <= s:
+                    continue
+            elif s.isdisjoint(labels):
+                continue
+        s = c.actors
+        if s is not None and s.isdisjoint(refs):
+            continue
+        if c.children:
+            r = _outcome(c, True, refs, action, purpose, rtype, labels, now)
+            if r != _PERMIT:
+                return r  # deny wins among siblings
+        elif not c.permit:
+            return _DENY_EXCEPTION  # deny wins among siblings
+        matched = True
+    if matched or n.permit:
         return _PERMIT
     return _DENY_EXCEPTION if nested else _DENY
 
@@ -217,10 +248,11 @@ class _Grant:
     """One consent in force for the grantees it was granted to, with its prebuilt Decisions."""
 
     # The root provision's conditions are copied onto the grant so that the hot path touches one
-    # object per consent rather than two; slots are laid out in this order, the hot ones first
-    # (one cache line), and ``timed`` spares reading two float objects for open-ended grants.
-    __slots__ = ("timed", "actions", "purposes", "types", "labels", "permits", "actors", "root",
-                 "start", "end", "permit", "deny", "deny_exception", "consent_id", "boundaries")
+    # object per consent rather than two (not its actors: a grant is found by them, see _scan);
+    # slots are laid out in this order, the hot ones first, and ``timed`` spares reading two float
+    # objects for open-ended grants.
+    __slots__ = ("timed", "actions", "purposes", "types", "labels", "permits", "kids", "start", "end",
+                 "permit", "deny", "deny_exception", "root", "consent_id", "boundaries")
 
     def __init__(self, consent_id: str, rules: ConsentRules, valid_from: float, valid_until: float) -> None:
         self.consent_id = consent_id
@@ -229,11 +261,13 @@ class _Grant:
         self.end = min(valid_until, rules.period.end_ts)
         self.timed = self.start > -_INF or self.end < _INF
         self.actions, self.purposes, self.types = root.actions, root.purposes, root.types
-        self.labels, self.actors, self.permits = root.labels, root.actors, root.permit
+        self.labels, self.permits = root.labels, root.permit
+        self.kids = root.children
         #: every instant at which this consent's answers can change (for the search-view cache)
         times = (self.start, self.end, *_node_times(self.root))
         self.boundaries = tuple(sorted({t for t in times if -_INF < t < _INF}))
-        basis = f"Consent/{consent_id}"
+        # a FHIR id has no "/": an id with one is already a reference (a delegation, policy.delegates)
+        basis = consent_id if "/" in consent_id else f"Consent/{consent_id}"
         self.permit = Decision(True, REASON_CONSENT_PERMIT, "A consent of the patient permits this access.", basis)
         self.deny = Decision(False, REASON_CONSENT_DENY, "A consent of the patient denies this access.", basis)
         self.deny_exception = Decision(
@@ -243,7 +277,11 @@ class _Grant:
 
 def _scan(grants: tuple[_Grant, ...], refs: frozenset[str], action: str, purpose: str, rtype: str,
           labels: frozenset[str], now: float) -> Decision | None:
-    """The verdict of these consents: deny if one denies, else permit if one permits, else None."""
+    """The verdict of these consents: deny if one denies, else permit if one permits, else None.
+
+    ``grants`` must have been looked up under one of ``refs`` or ``ANYONE`` (as ``grant`` and
+    ``_verdict`` do): a consent is granted only to actors its root names, or to ANYONE when it
+    names none (``apply_grant``), so the root's actor condition holds and is not tested again."""
     permit = None
     for g in grants:
         if g.timed and (now < g.start or now >= g.end):
@@ -265,14 +303,13 @@ def _scan(grants: tuple[_Grant, ...], refs: frozenset[str], action: str, purpose
                     continue
             elif s.isdisjoint(labels):
                 continue
-        s = g.actors
-        if s is not None and s.isdisjoint(refs):
+        if not g.kids:
+            if not g.permits:
+                return g.deny
+            if permit is None:
+                permit = g.permit
             continue
-        root = g.root
-        if root.children:
-            r = _outcome(root, False, refs, action, purpose, rtype, labels, now)
-        else:
-            r = _PERMIT if g.permits else _DENY
+        r = _outcome(g.root, False, refs, action, purpose, rtype, labels, now)
         if r == _PERMIT:
             if permit is None:
                 permit = g.permit
@@ -327,6 +364,11 @@ def _any(*rules: RowRule) -> RowRule:
             if part not in out:
                 out.append(part)
     return NEVER if not out else out[0] if len(out) == 1 else AnyOf(tuple(out))
+
+
+def _terms(rule: RowRule) -> tuple[RowRule, ...]:
+    """The disjuncts of ``rule`` (none for NEVER)."""
+    return rule.rules if isinstance(rule, AnyOf) else (rule,)
 
 
 def _not(rule: RowRule) -> RowRule:
@@ -417,6 +459,10 @@ class _Record:
     grant: _Grant | None
 
 
+def _interned(value: Any) -> Any:
+    return sys.intern(value) if type(value) is str else value
+
+
 def _check_ref(ref: Any, where: str) -> str:
     if ref == ANYONE:
         return ref  # type: ignore[no-any-return]
@@ -435,9 +481,22 @@ class ConsentIndex:
         self._records: dict[tuple[str, str], _Record] = {}
         self._patient_of_consent: dict[str, str] = {}
         self._keys_of_patient: dict[str, set[tuple[str, str]]] = {}
-        self._patients_of_grantee: dict[str, set[str]] = {}
         #: patient → grantee ref (or ANYONE) → consents in force, replaced as a whole on every change
         self._by_patient: dict[str, _PatientState] = {}
+        #: The same state turned around for ``grant``: grantee ref → patient → consents in force
+        #: (a "lane"), and the same lanes holding only the consents that can match a resource
+        #: without sensitivity labels (most requests), so that a request passes over the many
+        #: "no mental-health data to anyone" consents without touching them. A principal's few
+        #: refs pick a few lanes that stay in the CPU cache; per-patient dicts did not (at 5,000
+        #: patients every decision missed the cache on them). The ANYONE lane is always there.
+        self._lanes: dict[str, dict[str, tuple[_Grant, ...]]] = {ANYONE: {}}
+        self._unlabelled_lanes: dict[str, dict[str, tuple[_Grant, ...]]] = {ANYONE: {}}
+        self._anyone = self._lanes[ANYONE]
+        self._anyone_unlabelled = self._unlabelled_lanes[ANYONE]
+        #: A change touches several lanes, so readers cannot take them as one snapshot: writers
+        #: make ``_epoch`` odd while they change lanes and even again after, and a reader that
+        #: found consents under an odd or changed epoch reads the lanes again under the lock.
+        self._epoch = 0
         #: practitioner → patient → claim (replaced as a whole on every change)
         self._claims: dict[str, dict[str, BreakGlassClaim]] = {}
         #: bumped on every change; a cached search view is valid for one version and time span
@@ -467,9 +526,11 @@ class ConsentIndex:
             raise InvalidInput(f"the grant names Consent/{consent_id} but the rules are Consent/{rules.consent_id}")
         if rules.status != "active":
             raise InvalidInput(f"Consent/{consent_id} is {rules.status}, not active: it cannot be granted")
-        refs = frozenset(_check_ref(r, "grantee") for r in grantee_refs)
+        # interned: every lane and patient entry then shares one string object per ref and patient
+        refs = frozenset(_interned(_check_ref(r, "grantee")) for r in grantee_refs)
         if not refs:
             raise InvalidInput("a grant needs at least one grantee")
+        patient_id = _interned(patient_id)
         unknown = refs - rules.grantees
         if unknown:
             raise InvalidInput(
@@ -499,9 +560,10 @@ class ConsentIndex:
     def apply_revoke(self, consent_id: str, patient_id: str, grantee_refs: Iterable[str], chain_ref: ChainRef) -> bool:
         """Record that ``consent_id`` was revoked for each of ``grantee_refs``. Idempotent; a
         revoke may arrive before the grant it cancels (that grant is then ignored)."""
-        refs = frozenset(_check_ref(r, "grantee") for r in grantee_refs)
+        refs = frozenset(_interned(_check_ref(r, "grantee")) for r in grantee_refs)
         if not refs:
             raise InvalidInput("a revocation needs at least one grantee")
+        patient_id = _interned(patient_id)
         with self._lock:
             self._check_patient(consent_id, patient_id)
             changed = False
@@ -531,15 +593,33 @@ class ConsentIndex:
             rec = self._records[(consent_id, ref)]
             if rec.granted and rec.grant is not None:
                 by_ref.setdefault(ref, []).append(rec.grant)
-        for ref in self._by_patient.get(patient_id, _NO_STATE):
-            if ref not in by_ref:
-                self._patients_of_grantee[ref].discard(patient_id)
-        for ref in by_ref:
-            self._patients_of_grantee.setdefault(ref, set()).add(patient_id)
-        if by_ref:
-            self._by_patient[patient_id] = {ref: tuple(gs) for ref, gs in by_ref.items()}
+        state = {ref: tuple(gs) for ref, gs in by_ref.items()}
+        touched = self._by_patient.get(patient_id, _NO_STATE).keys() | state.keys()
+        if state:
+            self._by_patient[patient_id] = state
         else:
             self._by_patient.pop(patient_id, None)
+        self._epoch += 1  # odd: lanes are changing
+        try:
+            for ref in touched:
+                grants = state.get(ref, ())
+                _set_lane(self._lanes, ref, patient_id, grants)
+                _set_lane(self._unlabelled_lanes, ref, patient_id, tuple(g for g in grants if g.labels is None))
+        finally:
+            self._epoch += 1
+
+    def _gather(self, patient_id: str, refs: frozenset[str], labelled: bool) -> tuple[_Grant, ...] | None:
+        """The consents ``grant`` scans for this patient and principal, in its order: to anyone
+        first, then per ref in the principal's order; read under the lock when a writer raced."""
+        lanes = self._lanes if labelled else self._unlabelled_lanes
+        with self._lock:
+            found = lanes[ANYONE].get(patient_id)
+            for ref in refs:
+                lane = lanes.get(ref)
+                grants = None if lane is None else lane.get(patient_id)
+                if grants is not None:
+                    found = grants if found is None else found + grants
+        return found
 
     def in_force(self, patient_id: str) -> list[tuple[str, str]]:
         """(consent id, grantee ref) of the patient's granted, unrevoked consents, sorted."""
@@ -635,30 +715,43 @@ class ConsentIndex:
 
     def grant(self, principal: Principal, request: AccessRequest) -> Decision | None:
         """The consent state's answer for ``decide`` (module docstring); None when it has none."""
-        patients = request.patient_ids
-        if len(patients) != 1:
-            return self._grant_many(principal, request) if patients else None
-        # One patient, the common case: the clock is read and the request unpacked only when a
-        # consent or claim is there to judge.
-        for patient_id in patients:
-            state = self._by_patient.get(patient_id)
+        # One patient, the common case. Every bytecode here runs for every resource a request
+        # touches, so: no clock read and no argument unpacking until a consent or claim is there
+        # to judge, one lane per ref, and the epoch check only when something was found.
+        try:
+            (patient_id,) = request.patient_ids
+        except ValueError:  # no patient, or several
+            return self._grant_many(principal, request) if request.patient_ids else None
+        epoch = self._epoch
+        labels = request.labels
+        if labels:
+            lanes, found = self._lanes, self._anyone.get(patient_id)
+        else:
+            lanes, found = self._unlabelled_lanes, self._anyone_unlabelled.get(patient_id)
+        refs = principal.actor_refs
+        for ref in refs:
+            lane = lanes.get(ref)
+            if lane is not None:
+                grants = lane.get(patient_id)
+                if grants is not None:  # two refs with consents of their own is rare: only then concatenate
+                    found = grants if found is None else found + grants
         glass = None  # the claim, looked at only for an emergency purpose
-        if principal.practitioner_id is not None and self._claims and principal.purpose in EMERGENCY_PURPOSES:
-            claims = self._claims.get(principal.practitioner_id)
+        practitioner_id = principal.practitioner_id
+        if practitioner_id is not None and self._claims and principal.purpose in EMERGENCY_PURPOSES:
+            claims = self._claims.get(practitioner_id)
             claim = None if claims is None else claims.get(patient_id)
             if claim is not None:
                 glass = claim.allowed if claim.started_at <= self._now() < claim.expires_at else claim.expired
-        if state is None:
-            return glass
-        refs = principal.actor_refs
-        found = state.get(ANYONE)
-        for ref in refs:
-            grants = state.get(ref)
-            if grants is not None:  # two refs with consents of their own is rare: only then concatenate
-                found = grants if found is None else found + grants
         if found is None:
+            # Consistent even if a writer raced: one event only adds (or only removes) one
+            # consent, so lanes read half before and half after it cannot all come up empty
+            # unless the state on one side of the change has nothing for this principal either.
             return glass
-        d = _scan(found, refs, request.action, principal.purpose, request.resource_type, request.labels, self._now())
+        if epoch & 1 or self._epoch != epoch:
+            found = self._gather(patient_id, refs, bool(labels))
+            if found is None:
+                return glass
+        d = _scan(found, refs, request.action, principal.purpose, request.resource_type, labels, self._now())
         if d is None or d.allowed:
             return d if d is not None else glass
         return glass if glass is not None and glass.allowed else d
@@ -734,7 +827,7 @@ class ConsentIndex:
         with self._lock:
             patients: set[str] = set()
             for ref in keys:
-                patients |= self._patients_of_grantee.get(ref, set())
+                patients.update(self._lanes.get(ref, ()))
         valid_from, valid_until = -_INF, _INF
         by_patient = self._by_patient
         permits: dict[RowRule, set[str]] = {}
@@ -762,11 +855,14 @@ class ConsentIndex:
                     yes = _permits(g.root, refs, "search", purpose, now)
                     permit_rules.append(_all(applies, yes))
                     deny_rules.append(_all(applies, _not(yes)))
-            permit, deny = _any(*permit_rules), _any(*deny_rules)
-            if permit != NEVER:
-                permits.setdefault(permit, set()).add(patient_id)
-            if deny != NEVER:
-                denies.setdefault(deny, set()).add(patient_id)
+            # A patient's rows are permitted (denied) where any group holding the patient matches,
+            # so each term of the patient's disjunction goes to its own group: patients then share
+            # the few rules consents are made of instead of one group per combination, and the
+            # store's SQL has a clause per group (bench_enforcement.py's pharmacist: 14 groups became 9).
+            for term in _terms(_any(*permit_rules)):
+                permits.setdefault(term, set()).add(patient_id)
+            for term in _terms(_any(*deny_rules)):
+                denies.setdefault(term, set()).add(patient_id)
         glass: frozenset[str] = frozenset()
         if practitioner_id is not None and purpose in EMERGENCY_PURPOSES:
             claims = self._claims.get(practitioner_id, {})
@@ -780,6 +876,20 @@ class ConsentIndex:
         if not (permits or denies or glass):
             return EMPTY_CONSENT_VIEW, valid_from, valid_until
         return ConsentView(_groups(permits), _groups(denies), glass), valid_from, valid_until
+
+
+def _set_lane(lanes: dict[str, dict[str, tuple[_Grant, ...]]], ref: str, patient_id: str,
+              grants: tuple[_Grant, ...]) -> None:
+    """Put a patient's consents for ``ref`` into its lane (an empty lane goes, but ANYONE's)."""
+    lane = lanes.get(ref)
+    if grants:
+        if lane is None:
+            lane = lanes[ref] = {}
+        lane[patient_id] = grants
+    elif lane is not None:
+        lane.pop(patient_id, None)
+        if not lane and ref != ANYONE:
+            del lanes[ref]
 
 
 def _groups(by_rule: dict[RowRule, set[str]]) -> tuple[tuple[frozenset[str], RowRule], ...]:
