@@ -1,6 +1,9 @@
-"""CRUD load benchmark: teleledger against a minimal unsecured baseline, in one session.
+"""CRUD load benchmark: teleledger against a minimal unsecured baseline and against itself with
+its transparency log switched off, in one session.
 
-    python bench/crud_load.py [--duration 20] [--users 32] [--rounds 2] [--warmup 3] [--workers 1]
+    .venv/bin/python bench/crud_load.py [--duration 20] [--users 32] [--rounds 2] [--warmup 3] [--workers 1]
+                                        [--servers baseline,teleledger,teleledger-nolog] [--no-chain]
+                                        [--tmpdir /dev/shm]
 
 A Python port of the public FHIR-server CRUD load scenario. Each of ``--users`` concurrent
 virtual users holds one HTTP/1.1 keep-alive connection and loops over one *iteration*:
@@ -14,23 +17,29 @@ virtual users holds one HTTP/1.1 keep-alive connection and loops over one *itera
 
 That is 36 requests per iteration: 9 each of create, read, update and delete.
 
-The script starts both servers itself as subprocesses on free loopback ports and stops them on
+The script starts the servers itself as subprocesses on free loopback ports and stops them on
 exit (also on Ctrl-C or an error):
 
-* teleledger (``teleledger serve``) with a fresh temporary ``TELELEDGER_HOME``, a random master
-  key, no demo data, a ``system/*.cruds`` backend client and a client-credentials token;
-* the baseline ``bench/baseline_server.py`` (FastAPI + SQLite storing raw JSON, no auth, no
-  validation) with the same uvicorn and SQLite settings.
+* ``baseline``: ``bench/baseline_server.py`` (FastAPI + SQLite storing raw JSON, no auth, no
+  validation) with the same uvicorn and SQLite settings as teleledger;
+* ``teleledger`` (``teleledger serve``) with a fresh temporary ``TELELEDGER_HOME``, a random
+  master key, no demo data, its embedded chain as ``make run`` has it (``--no-chain``: without),
+  a ``system/*.cruds`` backend client and a client-credentials token;
+* ``teleledger-nolog`` (``bench/teleledger_nolog_server.py``): the same, in a home of its own,
+  with the transparency log taken out (no change entries, no access entries in the log, no
+  sequencer; the ``access_events`` rows stay — see that module), for the log's overhead
+  (issue 3: log on / log off >= 0.85x). ``--servers`` picks which of the three run.
 
 Before measuring it creates, reads, updates and deletes each of the nine resources once on each
 server and stops with the OperationOutcome if anything is refused, then warms each server up.
-Measured runs alternate (baseline, teleledger, baseline, teleledger, ...) so that noise from
-other processes on the machine hits both. A request counts as an error when the answer is not
-2xx or the connection fails. Latency is measured per request with ``time.perf_counter`` in the
+Measured runs alternate (baseline, teleledger, teleledger-nolog, baseline, ...) so that noise
+from other processes on the machine hits all of them. A request counts as an error when the
+answer is not 2xx or the connection fails. Latency is measured per request with ``time.perf_counter`` in the
 load generator (raw asyncio sockets on uvloop, cheap enough not to be the bottleneck: its own CPU
 use is reported next to the servers').
 
-Targets: teleledger >= 0.7x the baseline's requests/s, >= 1,000 requests/s, zero errors.
+Targets: teleledger >= 0.7x the baseline's requests/s, >= 1,000 requests/s, log on / log off
+>= 0.85x, zero errors.
 """
 
 from __future__ import annotations
@@ -62,13 +71,16 @@ HOST = "127.0.0.1"
 BENCH_DIR = Path(__file__).resolve().parent
 CLIENT_ID, CLIENT_SECRET = "bench", "bench-secret-0123456789"
 TARGET_RATIO, TARGET_RPS = 0.7, 1_000
+#: teleledger with the log / without it (issue 3)
+TARGET_LOG_RATIO = 0.85
+SERVERS = ("baseline", "teleledger", "teleledger-nolog")
 TYPES = ("Patient", "Location", "Organization", "Practitioner", "Encounter", "Observation", "MedicationRequest",
          "Claim", "ExplanationOfBenefit")
 OPS = ("create", "read", "update", "delete")
 MAX_ERROR_SAMPLES = 5
 
 # wide enough for the tables when the output is piped to a file
-console = Console() if sys.stdout.isatty() else Console(width=120)
+console = Console() if sys.stdout.isatty() else Console(width=140)
 
 
 # ---- the resources ----------------------------------------------------------------------------
@@ -355,6 +367,11 @@ class Server:
         """utime + stime of the server process and of its worker processes (``--workers``)."""
         return sum(_cpu_seconds(pid) for pid in _process_tree(self.proc.pid))
 
+    def disk_bytes(self) -> float:
+        """Bytes the server's processes caused to be written to storage (``write_bytes`` of
+        /proc/PID/io: the database, its WAL and checkpoints); NaN where the kernel does not say."""
+        return sum(_disk_bytes(pid) for pid in _process_tree(self.proc.pid))
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -371,6 +388,16 @@ def _cpu_seconds(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _disk_bytes(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+            if line.startswith("write_bytes:"):
+                return float(line.split(":", 1)[1])
+    except OSError:
+        pass
+    return float("nan")
 
 
 def _process_tree(pid: int) -> list[int]:
@@ -436,17 +463,27 @@ def teleledger_command() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-c", "from teleledger.cli import main; main()"]
 
 
-def start_teleledger(workdir: Path, workers: int) -> Server:
-    home = workdir / "teleledger-home"
+def start_teleledger(workdir: Path, workers: int, *, log: bool = True, chain: bool = True) -> Server:
+    """``teleledger serve``, or with ``log=False`` the same node without its transparency log
+    (``bench/teleledger_nolog_server.py``); each in a fresh home of its own. ``chain=False``:
+    without the embedded chain (``TELELEDGER_CHAIN_ENABLED=false``), whose threads share the
+    process."""
+    name = "teleledger" if log else "teleledger-nolog"
+    home = workdir / f"{name}-home"
     env = teleledger_env(home)
     env["TELELEDGER_WORKERS"] = str(workers)
+    env["TELELEDGER_CHAIN_ENABLED"] = "true" if chain else "false"
     made = subprocess.run([*teleledger_command(), "clients", "create", "--client-id", CLIENT_ID, "--secret",
                            CLIENT_SECRET, "--scope", "system/*.cruds"], env=env, capture_output=True, text=True)
     if made.returncode != 0:
         raise SystemExit(f"teleledger clients create failed ({made.returncode}):\n{made.stdout}{made.stderr}")
     port = free_port()
-    argv = [*teleledger_command(), "serve", "--host", HOST, "--port", str(port)]
-    return start("teleledger", argv, env, port, workdir)
+    if log:
+        argv = [*teleledger_command(), "serve", "--host", HOST, "--port", str(port)]
+    else:
+        argv = [sys.executable, str(BENCH_DIR / "teleledger_nolog_server.py"), "--host", HOST, "--port", str(port),
+                "--workers", str(workers)]
+    return start(name, argv, env, port, workdir)
 
 
 def start_baseline(workdir: Path, workers: int) -> Server:
@@ -489,6 +526,7 @@ class Run:
     elapsed: float
     server_cpu: float
     client_cpu: float
+    server_disk: float = float("nan")
 
     @property
     def rps(self) -> float:
@@ -506,7 +544,7 @@ async def run_load(server: Server, users: int, duration: float, label: str, *, s
             if failed:
                 failed[0].result()
             await asyncio.sleep(0.001)
-        cpu_server, cpu_client = server.cpu_seconds(), time.process_time()
+        cpu_server, cpu_client, disk = server.cpu_seconds(), time.process_time(), server.disk_bytes()
         t0 = time.perf_counter()
         window.deadline = t0 + duration
         ready.set()
@@ -526,7 +564,8 @@ async def run_load(server: Server, users: int, duration: float, label: str, *, s
     finally:
         for t in tasks:
             t.cancel()
-    return Run(server.name, stats, elapsed, server.cpu_seconds() - cpu_server, time.process_time() - cpu_client)
+    return Run(server.name, stats, elapsed, server.cpu_seconds() - cpu_server, time.process_time() - cpu_client,
+               server.disk_bytes() - disk)
 
 
 # ---- report --------------------------------------------------------------------------------------
@@ -556,46 +595,48 @@ def combine(runs: list[Run], name: str) -> Run:
     for r in mine:
         total.merge(r.stats)
     return Run(name, total, sum(r.elapsed for r in mine), sum(r.server_cpu for r in mine),
-               sum(r.client_cpu for r in mine))
+               sum(r.client_cpu for r in mine), sum(r.server_disk for r in mine))
 
 
 def report(runs: list[Run], args: argparse.Namespace, before: dict[str, str]) -> bool:
     after = machine()
     ms = 1000.0
+    names = [n for n in SERVERS if any(r.server == n for r in runs)]
     table = Table(title=f"CRUD load: {args.users} virtual users, {args.duration:.0f} s per run, "
                         f"36 requests per iteration (9 types x create/read/update/delete), "
                         f"{args.workers} worker process{'es' if args.workers > 1 else ''} per server")
     for col in ("run", "server", "requests", "req/s", "p50 ms", "p99 ms", "errors", "server CPU", "CPU ms/req",
-                "client CPU"):
+                "disk KB/req", "client CPU"):
         table.add_column(col, justify="left" if col in ("run", "server") else "right")
 
     def row(label: str, r: Run, style: str | None = None) -> None:
         lat = [x for v in r.stats.latencies.values() for x in v]
         table.add_row(label, r.server, f"{r.stats.requests:,}", f"{r.rps:,.0f}", f"{percentile(lat, 50) * ms:.1f}",
                       f"{percentile(lat, 99) * ms:.1f}", str(r.stats.errors), f"{r.server_cpu / r.elapsed:.0%}",
-                      f"{r.server_cpu / max(r.stats.requests, 1) * ms:.2f}", f"{r.client_cpu / r.elapsed:.0%}",
+                      f"{r.server_cpu / max(r.stats.requests, 1) * ms:.2f}",
+                      f"{r.server_disk / max(r.stats.requests, 1) / 1024:.1f}", f"{r.client_cpu / r.elapsed:.0%}",
                       style=style)
 
     for i, r in enumerate(runs, start=1):
         row(str(i), r)
     table.add_section()
-    base, tele = combine(runs, "baseline"), combine(runs, "teleledger")
-    row("all", base, "bold")
-    row("all", tele, "bold")
-    ratio = tele.rps / base.rps if base.rps else float("nan")
+    totals = {name: combine(runs, name) for name in names}
+    for total in totals.values():
+        row("all", total, "bold")
     console.print(table)
     console.print("server CPU = the server's CPU time (all its processes) / wall time (100% = one core, all one "
-                  "worker can use); CPU ms/req moves less than req/s when other processes share the machine")
+                  "worker can use); CPU ms/req moves less than req/s when other processes share the machine; "
+                  "disk KB/req = bytes the server wrote to storage (database, WAL, checkpoints) per request")
 
     ops = Table(title="latency per interaction (all runs), ms")
     ops.add_column("interaction")
-    for name in ("baseline", "teleledger"):
+    for name in names:
         ops.add_column(f"{name} p50", justify="right")
         ops.add_column(f"{name} p99", justify="right")
     for op in OPS:
         cells = []
-        for r in (base, tele):
-            lat = r.stats.latencies[op]
+        for total in totals.values():
+            lat = total.stats.latencies[op]
             cells += [f"{percentile(lat, 50) * ms:.1f}", f"{percentile(lat, 99) * ms:.1f}"]
         ops.add_row(op, *cells)
     console.print(ops)
@@ -604,23 +645,34 @@ def report(runs: list[Run], args: argparse.Namespace, before: dict[str, str]) ->
     chart.add_column(justify="right")
     chart.add_column(width=50)
     chart.add_column(justify="right")
-    top = max(base.rps, tele.rps, TARGET_RPS)
-    for r in (base, tele):
-        chart.add_row(r.server, Bar(top, 0, r.rps, width=50, color="cyan" if r.server == "baseline" else "magenta"),
-                      f"{r.rps:,.0f}")
+    top = max(*(r.rps for r in totals.values()), TARGET_RPS)
+    colors = {"baseline": "cyan", "teleledger": "magenta", "teleledger-nolog": "yellow"}
+    for r in totals.values():
+        chart.add_row(r.server, Bar(top, 0, r.rps, width=50, color=colors[r.server]), f"{r.rps:,.0f}")
     chart.add_row("target", Bar(top, 0, TARGET_RPS, width=50, color="grey50"), f"{TARGET_RPS:,}")
     console.print(chart)
 
-    for r in (base, tele):
+    for r in totals.values():
         for sample in r.stats.error_samples:
             console.print(f"[red]{r.server} error:[/] {sample}")
 
-    checks = [
-        (f"teleledger / baseline = {ratio:.2f}x", ratio >= TARGET_RATIO, f">= {TARGET_RATIO}x"),
-        (f"teleledger {tele.rps:,.0f} req/s", tele.rps >= TARGET_RPS, f">= {TARGET_RPS:,} req/s"),
-        (f"errors: teleledger {tele.stats.errors}, baseline {base.stats.errors}",
-         tele.stats.errors == 0 and base.stats.errors == 0, "0"),
-    ]
+    def ratio(a: str, b: str) -> float:
+        return totals[a].rps / totals[b].rps if totals[b].rps else float("nan")
+
+    checks = []
+    base, tele, nolog = (totals.get(n) for n in SERVERS)
+    if tele is not None and base is not None:
+        checks.append((f"teleledger / baseline = {ratio('teleledger', 'baseline'):.2f}x",
+                       ratio("teleledger", "baseline") >= TARGET_RATIO, f">= {TARGET_RATIO}x"))
+    if tele is not None:
+        checks.append((f"teleledger {tele.rps:,.0f} req/s", tele.rps >= TARGET_RPS, f">= {TARGET_RPS:,} req/s"))
+    if tele is not None and nolog is not None:
+        cpu = [t.server_cpu / max(t.stats.requests, 1) * ms for t in (tele, nolog)]
+        checks.append((f"log on / log off = {ratio('teleledger', 'teleledger-nolog'):.2f}x "
+                       f"(CPU ms/req {cpu[0]:.2f} / {cpu[1]:.2f}: the log costs {cpu[0] - cpu[1]:.2f} ms)",
+                       ratio("teleledger", "teleledger-nolog") >= TARGET_LOG_RATIO, f">= {TARGET_LOG_RATIO}x"))
+    errors = ", ".join(f"{t.server} {t.stats.errors}" for t in totals.values())
+    checks.append((f"errors: {errors}", all(t.stats.errors == 0 for t in totals.values()), "0"))
     for text, ok, target in checks:
         console.print(f"{'[green]PASS' if ok else '[red]FAIL'}[/] {text} (target {target})")
     console.print(f"machine: {before['cpus']} CPUs ({before['cpu']}), Python {before['python']}; "
@@ -631,20 +683,23 @@ def report(runs: list[Run], args: argparse.Namespace, before: dict[str, str]) ->
 
 # ---- main ----------------------------------------------------------------------------------------
 
-async def bench(args: argparse.Namespace, baseline: Server, tele: Server) -> list[Run]:
-    await asyncio.gather(wait_until_answering(baseline), wait_until_answering(tele))
-    await authorize(tele)
-    for server in (baseline, tele):
+async def bench(args: argparse.Namespace, servers: list[Server]) -> list[Run]:
+    await asyncio.gather(*(wait_until_answering(s) for s in servers))
+    for server in servers:
+        if server.name != "baseline":
+            await authorize(server)
+    for server in servers:
         await preflight(server)
-    console.print("pre-flight: both servers create, read, update and delete all nine resource types")
+    console.print(f"pre-flight: {', '.join(s.name for s in servers)} create, read, update and delete all nine "
+                  "resource types")
     if args.warmup > 0:
-        for server in (baseline, tele):
+        for server in servers:
             await run_load(server, args.users, args.warmup, f"warm-up {server.name}")
     runs = []
     for i in range(args.rounds):
-        for server in (baseline, tele):
+        for server in servers:
             runs.append(await run_load(server, args.users, args.duration, f"run {len(runs) + 1} {server.name}"))
-            for s in (baseline, tele):
+            for s in servers:
                 if s.proc.poll() is not None:
                     raise SystemExit(f"{s.name} exited with {s.proc.returncode}:\n{_log_tail(s.log)}")
     return runs
@@ -662,26 +717,40 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per measured run (default 20)")
     parser.add_argument("--users", type=int, default=32, help="concurrent virtual users (default 32)")
-    parser.add_argument("--rounds", type=int, default=2, help="baseline/teleledger pairs of runs (default 2)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="rounds of runs, one run per server in each (default 2)")
     parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds per server first (default 3)")
     parser.add_argument("--workers", type=int, default=1,
-                        help="server worker processes, the same for both servers (default 1)")
+                        help="server worker processes, the same for every server (default 1)")
+    parser.add_argument("--servers", default=",".join(SERVERS),
+                        help=f"which servers to measure, in this order each round (default {','.join(SERVERS)})")
+    parser.add_argument("--no-chain", action="store_true",
+                        help="run teleledger without its embedded chain (default: with it, as `make run` does)")
+    parser.add_argument("--tmpdir", type=Path, default=None,
+                        help="where the servers' databases go (default: the system's temporary folder); "
+                             "a tmpfs such as /dev/shm takes the disk out of the comparison")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (server logs, databases)")
     args = parser.parse_args(argv)
+    chosen = [n.strip() for n in args.servers.split(",") if n.strip()]
+    unknown = sorted(set(chosen) - set(SERVERS))
+    if unknown or not chosen or len(set(chosen)) != len(chosen):
+        parser.error(f"--servers takes distinct names among {', '.join(SERVERS)}; got {args.servers!r}")
 
     def on_term(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)  # unwinds through the finally blocks that stop the servers
 
     signal.signal(signal.SIGTERM, on_term)
     before = machine()
-    workdir = Path(tempfile.mkdtemp(prefix="crud-load-"))
+    workdir = Path(tempfile.mkdtemp(prefix="crud-load-", dir=args.tmpdir))
     servers: list[Server] = []
     try:
-        servers.append(start_baseline(workdir, args.workers))
-        servers.append(start_teleledger(workdir, args.workers))
-        console.print(f"baseline on {HOST}:{servers[0].port}, teleledger on {HOST}:{servers[1].port} "
-                      f"(logs and databases in {workdir})")
-        runs = run_async(bench(args, *servers))
+        for name in chosen:
+            servers.append(start_baseline(workdir, args.workers) if name == "baseline"
+                           else start_teleledger(workdir, args.workers, log=name == "teleledger",
+                                                 chain=not args.no_chain))
+        console.print(", ".join(f"{s.name} on {HOST}:{s.port}" for s in servers)
+                      + f" (logs and databases in {workdir})")
+        runs = run_async(bench(args, servers))
         ok = report(runs, args, before)
     finally:
         for server in servers:
@@ -695,5 +764,5 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except KeyboardInterrupt:
-        console.print("interrupted; both servers were stopped")
+        console.print("interrupted; the servers were stopped")
         sys.exit(130)

@@ -277,6 +277,9 @@ class Importer:
         with UnitOfWork(self.records.engine) as uow:
             batch = [(i, self._prepare(uow.c, i, path, None, (e or {}).get("resource")))
                      for i, e in enumerate(bundle.get("entry") or [])]
-            self._flush(uow.c, path, batch, result, None)
+            written = self._flush(uow.c, path, batch, result, None)
+            # the same access events as an NDJSON file's: one per patient, every version written
+            if self.records.auditor is not None and written:
+                self.records.auditor.access(uow.c, self.principal, "import", touched(written))
             uow.commit()
         return result
