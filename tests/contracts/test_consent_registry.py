@@ -2,7 +2,8 @@
 
 Python's EIP-712 digests (teleledger.ledger.chain.eip712) are checked against the contract's
 ``*_digest`` views and against eth-account's reference encoder; a Hypothesis state machine checks
-that only the patient (directly or by signature) or their delegate ever changes their consent.
+that only the patient or their delegate (each directly or by signature) ever changes their consent,
+and only the patient their delegates.
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ class World:
             self.participants.set_member_roles(ORG, self.doctor, ROLE_PRACTITIONER)
         self.consent = deployer("ConsentRegistry").deploy(self.participants.address)
         self.patient = Account.from_key(b"\x01" * 32)
-        self.delegate = boa.env.generate_address()
+        # a delegate signs (EIP-712) as well as calls directly, so it is a key, not just an address
+        self.delegate_account = Account.from_key(b"\x03" * 32)
+        self.delegate = self.delegate_account.address
         self.stranger = Account.from_key(b"\x02" * 32)
 
     def bind(self, pseudonym=PSEUDONYM, account=None):
@@ -263,6 +266,92 @@ def test_a_delegate_is_appointed_by_a_relayed_signature(world):
     assert world.consent.is_delegate(PSEUDONYM, world.delegate)
 
 
+def _appoint(world, delegate, enabled):
+    msg = eip712.SetDelegate(pseudonym=PSEUDONYM, delegate=delegate, enabled=enabled,
+                             nonce=world.consent.nonces(PSEUDONYM), deadline=FAR)
+    world.consent.set_delegate_by_sig(PSEUDONYM, delegate, enabled, FAR, *sign(world.patient, msg, world.consent))
+
+
+def _revoke_msg(world):
+    return eip712.RevokeConsent(pseudonym=PSEUDONYM, grantee=GRANTEE, provision_hash=PROVISION,
+                                nonce=world.consent.nonces(PSEUDONYM), deadline=FAR)
+
+
+def test_a_delegates_relayed_signature_grants_and_revokes_for_the_patient(world):
+    world.bind()
+    _appoint(world, world.delegate, True)
+    relayer = boa.env.generate_address()
+    with boa.env.prank(relayer):
+        world.consent.grant_by_sig(PSEUDONYM, GRANTEE, PROVISION, 0, 0, FAR,
+                                   *sign(world.delegate_account, world.grant_msg(), world.consent))
+    assert names(world.consent) == ["ConsentGranted"]
+    assert world.consent.is_active(PSEUDONYM, GRANTEE, PROVISION)
+    with boa.env.prank(relayer):
+        world.consent.revoke_by_sig(PSEUDONYM, GRANTEE, PROVISION, FAR,
+                                    *sign(world.delegate_account, _revoke_msg(world), world.consent))
+    assert names(world.consent) == ["ConsentRevoked"]
+    assert not world.consent.is_active(PSEUDONYM, GRANTEE, PROVISION)
+    # each signed action used the patient's one nonce: bind, appoint, grant, revoke
+    assert world.consent.nonces(PSEUDONYM) == 4
+
+
+def test_a_removed_delegates_signature_is_refused(world):
+    world.bind()
+    _appoint(world, world.delegate, True)
+    world.consent.grant_by_sig(PSEUDONYM, GRANTEE, PROVISION, 0, 0, FAR,
+                               *sign(world.patient, world.grant_msg(), world.consent))
+    # signed while still a delegate, relayed after the removal: refused all the same
+    revoke_sig = sign(world.delegate_account, _revoke_msg(world), world.consent)
+    _appoint(world, world.delegate, False)
+    with boa.reverts("consent: invalid signature"):
+        world.consent.revoke_by_sig(PSEUDONYM, GRANTEE, PROVISION, FAR, *revoke_sig)
+    with boa.reverts("consent: invalid signature"):
+        world.consent.revoke_by_sig(PSEUDONYM, GRANTEE, PROVISION, FAR,
+                                    *sign(world.delegate_account, _revoke_msg(world), world.consent))
+    with boa.reverts("consent: invalid signature"):
+        world.consent.grant_by_sig(PSEUDONYM, GRANTEE, PROVISION, 0, 0, FAR,
+                                   *sign(world.delegate_account, world.grant_msg(), world.consent))
+    assert world.consent.is_active(PSEUDONYM, GRANTEE, PROVISION)
+
+
+def test_a_strangers_signature_neither_grants_nor_revokes_while_a_delegate_exists(world):
+    world.bind()
+    _appoint(world, world.delegate, True)
+    world.consent.grant_by_sig(PSEUDONYM, GRANTEE, PROVISION, 0, 0, FAR,
+                               *sign(world.patient, world.grant_msg(), world.consent))
+    with boa.reverts("consent: invalid signature"):
+        world.consent.revoke_by_sig(PSEUDONYM, GRANTEE, PROVISION, FAR,
+                                    *sign(world.stranger, _revoke_msg(world), world.consent))
+    with boa.reverts("consent: invalid signature"):
+        world.consent.grant_by_sig(PSEUDONYM, GRANTEE, PROVISION, 0, 0, FAR,
+                                   *sign(world.stranger, world.grant_msg(), world.consent))
+
+
+def test_a_delegate_of_one_patient_cannot_sign_for_another(world):
+    world.bind()
+    _appoint(world, world.delegate, True)
+    other = b"\x0b" * 32
+    world.bind(pseudonym=other, account=world.stranger)
+    msg = eip712.GrantConsent(pseudonym=other, grantee=GRANTEE, provision_hash=PROVISION, valid_from=0,
+                              valid_until=0, nonce=world.consent.nonces(other), deadline=FAR)
+    with boa.reverts("consent: invalid signature"):
+        world.consent.grant_by_sig(other, GRANTEE, PROVISION, 0, 0, FAR,
+                                   *sign(world.delegate_account, msg, world.consent))
+
+
+def test_a_delegates_signature_cannot_appoint_or_remove_delegates(world):
+    world.bind()
+    _appoint(world, world.delegate, True)
+    for target, enabled in ((world.stranger.address, True), (world.delegate, False)):
+        msg = eip712.SetDelegate(pseudonym=PSEUDONYM, delegate=target, enabled=enabled,
+                                 nonce=world.consent.nonces(PSEUDONYM), deadline=FAR)
+        with boa.reverts("consent: invalid signature"):
+            world.consent.set_delegate_by_sig(PSEUDONYM, target, enabled, FAR,
+                                              *sign(world.delegate_account, msg, world.consent))
+    assert world.consent.is_delegate(PSEUDONYM, world.delegate)
+    assert not world.consent.is_delegate(PSEUDONYM, world.stranger.address)
+
+
 def test_a_consent_is_active_only_inside_its_period(world):
     world.bind()
     now = boa.env.timestamp
@@ -330,10 +419,13 @@ class ConsentMachine(RuleBasedStateMachine):
                 call()
         self._apply(grant, grantee, allowed, call)
 
-    @rule(signer=st.sampled_from(["patient", "stranger"]), grant=st.booleans(),
+    def _account(self, signer):
+        return {"patient": self.w.patient, "delegate": self.w.delegate_account, "stranger": self.w.stranger}[signer]
+
+    @rule(signer=st.sampled_from(["patient", "delegate", "stranger"]), grant=st.booleans(),
           grantee=st.sampled_from(GRANTEES), relayer=st.sampled_from(["doctor", "stranger", "operator"]))
     def by_signature(self, signer, grant, grantee, relayer):
-        account = self.w.patient if signer == "patient" else self.w.stranger
+        account = self._account(signer)
         c, nonce = self.w.consent, self.w.consent.nonces(PSEUDONYM)
         if grant:
             msg = eip712.GrantConsent(pseudonym=PSEUDONYM, grantee=grantee, provision_hash=PROVISION,
@@ -350,10 +442,11 @@ class ConsentMachine(RuleBasedStateMachine):
                 else:
                     c.revoke_by_sig(PSEUDONYM, grantee, PROVISION, FAR, *sig)
 
-        if signer != "patient":
+        allowed = signer == "patient" or (signer == "delegate" and "delegate" in self.delegates)
+        if not allowed:
             with boa.reverts("consent: invalid signature"):
                 call()
-        self._apply(grant, grantee, signer == "patient", call)
+        self._apply(grant, grantee, allowed, call)
 
     @rule(who=st.sampled_from(["patient", "delegate", "stranger"]), enabled=st.booleans())
     def appoint_delegate(self, who, enabled):
@@ -363,6 +456,19 @@ class ConsentMachine(RuleBasedStateMachine):
                     self.w.consent.set_delegate(PSEUDONYM, self.w.delegate, enabled)
                 return
             self.w.consent.set_delegate(PSEUDONYM, self.w.delegate, enabled)
+        (self.delegates.add if enabled else self.delegates.discard)("delegate")
+
+    @rule(signer=st.sampled_from(["patient", "delegate", "stranger"]), enabled=st.booleans())
+    def appoint_delegate_by_signature(self, signer, enabled):
+        c = self.w.consent
+        msg = eip712.SetDelegate(pseudonym=PSEUDONYM, delegate=self.w.delegate, enabled=enabled,
+                                 nonce=c.nonces(PSEUDONYM), deadline=FAR)
+        sig = sign(self._account(signer), msg, c)
+        if signer != "patient":  # only the patient manages delegates, a delegate included
+            with boa.reverts("consent: invalid signature"):
+                c.set_delegate_by_sig(PSEUDONYM, self.w.delegate, enabled, FAR, *sig)
+            return
+        c.set_delegate_by_sig(PSEUDONYM, self.w.delegate, enabled, FAR, *sig)
         (self.delegates.add if enabled else self.delegates.discard)("delegate")
 
     @invariant()

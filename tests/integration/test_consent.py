@@ -285,6 +285,14 @@ def test_only_the_patient_can_grant_and_a_refused_grant_records_nothing(clinic):
         assert r.status_code == 403, (who, r.text)
         assert r.json()["resourceType"] == "OperationOutcome"
     assert c.counts() == before
+    # ... but each attempt is in the log as a denied access: another patient's on Alice's record
+    with c.node.engine.connect() as conn:
+        denied = conn.execute(select(t.access_events.c.actor, t.access_events.c.action, t.access_events.c.patient_id,
+                                     t.access_events.c.reason)
+                              .where(t.access_events.c.outcome == "denied")).all()
+    bob, doc = c.node.accounts.get_by_username("bob").id, c.node.accounts.get_by_username("doc").id
+    assert (bob, "create", a["alice"]) in {(r.actor, r.action, r.patient_id) for r in denied}
+    assert (doc, "create", None, "not-patient-or-delegate") in {tuple(r) for r in denied}
 
 
 def test_each_bad_consent_gets_a_4xx_outcome_and_nothing_is_recorded(clinic):

@@ -57,6 +57,17 @@ class Forbidden(TeleledgerError):
     issue_code = "forbidden"
 
 
+class AccessDenied(Forbidden):
+    """A policy denial, carrying what the audit trail records about it (never PHI): the action,
+    the rule that denied it and the patients concerned."""
+
+    def __init__(self, message: str, *, action: str, reason: str, patients: frozenset[str]) -> None:
+        super().__init__(message)
+        self.action = action
+        self.reason = reason
+        self.patients = patients
+
+
 class NotFound(TeleledgerError):
     status = 404
     issue_code = "not-found"

@@ -3,8 +3,8 @@ ConsentRegistry event (pseudonym, grantee hash, provision hash) back to the Cons
 from, the per-patient signature nonce, and break-glass claims.
 
 Never PHI in clear beyond what the rest of the database holds already (patient and
-practitioner ids); the Consent itself lives encrypted in the FHIR store, break-glass reasons
-are not stored here (they may contain PHI).
+practitioner ids); the Consent itself lives encrypted in the FHIR store, and a break-glass
+reason (it may contain PHI) only sealed under the patient's data key (``reason_sealed``).
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ break_glass_claims = Table(
     Column("organization_id", String(64), nullable=True),
     #: the written reason, sealed under the patient's data key (never stored or logged in clear)
     Column("reason_sealed", LargeBinary, nullable=True),
+    #: when (µs) the patient dismissed the portal's notice of this claim; NULL while it is shown
+    Column("seen_by_patient", BigInteger, nullable=True),
     Index("ix_break_glass_patient", "patient_id"),
     Index("ix_break_glass_organization", "organization_id"),
 )

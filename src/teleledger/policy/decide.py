@@ -693,3 +693,36 @@ def share_prescription(principal: Principal, *, patient_id: str) -> Decision:
     if principal.role == "patient" and principal.patient_id is not None and principal.patient_id == patient_id:
         return _PATIENT_SHARES
     return _NOT_PATIENTS_OWN
+
+
+# -- the privacy officer's break-glass review ----------------------------------------------------
+# Break-glass claims (policy.service) are listed for the claimant organization's privacy officer:
+# an admin account linked to that Organization. The list holds who claimed access to whom, when,
+# and the written reason (which may be PHI): not for admins of other organizations, not for the
+# claimant's colleagues. The patient sees the claims on them in their portal (not this rule).
+
+_PRIVACY_OFFICER: Final = Decision(
+    True, "privacy-officer", "The organization's privacy officer reviews its members' break-glass claims.")
+_NOT_A_PRIVACY_OFFICER: Final = Decision(
+    False, "not-a-privacy-officer", "Only an organization's privacy officer (an administrator) reviews break-glass claims.")
+_OTHER_ORGANIZATION: Final = Decision(
+    False, "not-this-organization", "A privacy officer reviews the break-glass claims of their own organization only.")
+_NO_LINKED_ORGANIZATION: Final = Decision(
+    False, "no-linked-organization",
+    "This administrator account is not linked to an organization, so it has no break-glass claims to review.")
+
+
+def review_break_glass(principal: Principal, *, organization_id: str | None) -> Decision:
+    """May this principal review the break-glass claims made by members of Organization
+    ``organization_id``? An admin account linked to that organization (``actor_refs`` holds
+    ``Organization/<id>``): allow ("privacy-officer"); an admin linked to no organization: deny
+    ("no-linked-organization"); an admin of another organization, or a claim made by nobody's
+    member (``organization_id`` None): deny ("not-this-organization"); every other role, services
+    included: deny ("not-a-privacy-officer")."""
+    if principal.role != "admin":
+        return _NOT_A_PRIVACY_OFFICER
+    if not any(ref.startswith("Organization/") for ref in principal.actor_refs):
+        return _NO_LINKED_ORGANIZATION
+    if organization_id is None or f"Organization/{organization_id}" not in principal.actor_refs:
+        return _OTHER_ORGANIZATION
+    return _PRIVACY_OFFICER

@@ -183,7 +183,11 @@ class BundleProcessor:
                 if method == "GET":
                     rt, rid, query = _split_url(e["request"]["url"])
                     if rid is None:
-                        bundle = self.records.search(principal, rt, parse_qsl(query or "", keep_blank_values=True))
+                        try:
+                            bundle = self.records.search(principal, rt, parse_qsl(query or "", keep_blank_values=True))
+                        except TeleledgerError as exc:  # the search recorded its own denial
+                            out.append({"response": {"status": f"{exc.status}", "outcome": from_error(exc)}})
+                            continue
                         out.append({"resource": bundle, "response": {"status": "200 OK"}})
                         continue
                 with UnitOfWork(self.records.engine) as uow:

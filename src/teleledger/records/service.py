@@ -4,8 +4,9 @@ calls the store, and commits once.
 This module never speaks HTTP: it takes plain values (a principal, a resource dict, query
 items) and returns stored resources or Bundles as dicts, raising ``TeleledgerError``s that the
 web layer turns into OperationOutcomes. Authorization is decided only by
-``teleledger.policy.decide``; this module applies the decision (deny → 403 for a patient's own
-types, 404 when the resource's existence itself would leak, see ``_deny``).
+``teleledger.policy.decide``; this module applies the decision (deny → 403, see ``_deny``; an id
+that never existed is 404, while that a version is missing or that a resource was deleted is told
+only to those who may read it, see ``_deny_unreadable``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from urllib.parse import parse_qsl, urlencode
 from sqlalchemy import Connection, Engine, and_, exists, func, literal, select
 
 from teleledger.core.errors import (
+    AccessDenied,
     Forbidden,
+    Gone,
     InvalidInput,
     NotFound,
     PayloadTooLarge,
@@ -72,16 +75,6 @@ def _basis(decision: Decision | None) -> str:
     if decision is None or decision.basis is None:
         return ""
     return f"{decision.reason}:{decision.basis}"[:64]  # the width of access_events.reason
-
-
-class AccessDenied(Forbidden):
-    """A policy denial, carrying what the audit trail records about it (never PHI)."""
-
-    def __init__(self, message: str, *, action: str, reason: str, patients: frozenset[str]) -> None:
-        super().__init__(message)
-        self.action = action
-        self.reason = reason
-        self.patients = patients
 
 
 _LOG_ACTIONS = {"create", "read", "vread", "update", "delete", "search", "history", "everything", "import", "export"}
@@ -319,11 +312,36 @@ class RecordsService:
     def vread(self, principal: Principal, res_type: str, res_id: str, version: int) -> Stored:
         """vread (https://hl7.org/fhir/R4/http.html#vread)."""
         with UnitOfWork(self.engine) as uow:
-            stored = self.store.vread(uow.c, res_type, res_id, version)
+            try:
+                stored = self.store.vread(uow.c, res_type, res_id, version)
+            except (NotFound, Gone):
+                self._deny_unreadable(uow.c, principal, "vread", res_type, res_id)
+                raise
             d = self._check_read(uow.c, principal, "vread", stored)
             self._accessed(uow.c, principal, "vread", [stored], decision=d)
             uow.commit()
         return stored
+
+    def _deny_unreadable(self, conn: Connection, principal: Principal, action: str, res_type: str,
+                         res_id: str) -> None:
+        """Before a 404 or 410 about a resource that exists: that a version is missing or the
+        resource was deleted is for its readers to learn (a version count or a deletion is a fact
+        about the patient too), so a principal who may not read its last content gets the 403 a
+        read would give. A resource that never existed stays 404: ids are random."""
+        cur = self.store.current(conn, res_type, res_id)
+        if cur is None:
+            return
+        body = cur.body
+        if body is None and cur.version > 1:  # deleted: judged on the content it deleted
+            try:
+                body = self.store.vread(conn, res_type, res_id, cur.version - 1).body
+            except TeleledgerError:
+                body = None
+        if body is None:
+            return
+        patients = compartment.patient_ids(body)
+        self._deny(self._decide(conn, principal, action, res_type, patients, body=body), f"{res_type}/{res_id}",
+                   action=action, patients=patients)
 
     def _check_read(self, conn: Connection, principal: Principal, action: str, stored: Stored, *,
                     log_action: str | None = None) -> Decision:
@@ -391,7 +409,11 @@ class RecordsService:
             return self.store.exists(uow.c, res_type, res_id)
 
     def read_in(self, c: Connection, principal: Principal, res_type: str, res_id: str) -> Stored:
-        stored = self.store.read(c, res_type, res_id)
+        try:
+            stored = self.store.read(c, res_type, res_id)
+        except Gone:
+            self._deny_unreadable(c, principal, "read", res_type, res_id)
+            raise
         d = self._check_read(c, principal, "read", stored)
         self._accessed(c, principal, "read", [stored], decision=d)
         return stored
@@ -680,19 +702,21 @@ class RecordsService:
             )]
             loaded = self.store.load_current(c, keys)  # type: ignore[arg-type]
             out = [patient] + [s for k, s in loaded.items() if k != ("Patient", patient_id)]
-            # the practitioners, organizations and locations they reference, as the spec allows
-            refs = select(t.idx_reference.c.target_type, t.idx_reference.c.target_id).where(
-                t.idx_reference.c.target_type.in_(["Practitioner", "Organization", "Location"]),
+            allowed = [s for s in out if self._decide_on(c, principal, "read", s).allowed]
+            # the practitioners, organizations and locations they reference, as the spec allows:
+            # only those the resources shown reference, or a directory entry would tell what a
+            # hidden resource is about (a psychiatrist named only by a hidden observation)
+            ref = t.idx_reference
+            rows = c.execute(select(ref.c.res_type, ref.c.res_id, ref.c.target_type, ref.c.target_id).where(
+                ref.c.target_type.in_(["Practitioner", "Organization", "Location"]),
                 exists(select(literal(1)).where(and_(comp.c.patient_id == patient_id,
-                                                     comp.c.res_type == t.idx_reference.c.res_type,
-                                                     comp.c.res_id == t.idx_reference.c.res_id))),
-            ).distinct()
-            extra = self.store.load_current(c, [tuple(r) for r in c.execute(refs)])  # type: ignore[misc]
-            allowed = []
-            for s in out + list(extra.values()):
-                d = self._decide_on(c, principal, "read", s)
-                if d.allowed:
-                    allowed.append(s)
+                                                     comp.c.res_type == ref.c.res_type,
+                                                     comp.c.res_id == ref.c.res_id))),
+            ))
+            shown = {(s.res_type, s.res_id) for s in allowed}
+            named = list(dict.fromkeys((tt, ti) for rt, ri, tt, ti in rows if (rt, ri) in shown))
+            extra = self.store.load_current(c, named)
+            allowed += [s for s in extra.values() if self._decide_on(c, principal, "read", s).allowed]
             self._accessed(c, principal, "everything", allowed)
             uow.commit()
         return {"resourceType": "Bundle", "type": "searchset", "total": len(allowed),

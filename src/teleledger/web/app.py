@@ -27,6 +27,7 @@ from teleledger.prescriptions.service import PrescriptionService
 from teleledger.web.ui import rx_pages
 from teleledger.web.api import consent as consent_api
 from teleledger.web.ui import consent_pages
+from teleledger.web.ui import privacy_pages
 from teleledger.web.api import research as research_api
 
 log = logging.getLogger("teleledger.web")
@@ -100,5 +101,6 @@ def create_app(node: Node, *, sequencer: bool = True) -> FastAPI:
     app.include_router(rx_pages.router)
     app.include_router(consent_api.router)
     app.include_router(consent_pages.router)
+    app.include_router(privacy_pages.router)
     research_api.include(app, node)
     return app

@@ -1,24 +1,55 @@
-"""Request-scoped dependencies: the node, and the authenticated principal (``Ctx``); and where
-a route runs its blocking use case: ``in_thread`` (a worker thread) or ``in_place`` (on the
-event loop when that is cheaper and safe: SQLite instance interactions)."""
+"""Request-scoped dependencies: the node, and the authenticated principal (``Ctx``) with its
+purpose of use (``request_purpose``: the one place that says what a request is for when it does
+not say); and where a route runs its blocking use case: ``in_thread`` (a worker thread) or
+``in_place`` (on the event loop when that is cheaper and safe: SQLite instance interactions)."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
 import time
-from collections.abc import Callable
-from typing import Annotated, Any, TypeVar
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Annotated, Any, Final, TypeVar
 
 import anyio.to_thread
 from fastapi import Depends, Request
 
 from teleledger.bootstrap import Node
-from teleledger.core.errors import Unauthenticated
+from teleledger.core.errors import InvalidInput, Unauthenticated
+from teleledger.policy.consent import PURPOSES
 from teleledger.policy.model import Principal
 from teleledger.storage.db import WriteLockBusy, fail_fast
 
-PURPOSES = {"TREAT", "ETREAT", "HPAYMT", "HRESCH", "HOPERAT", "PATRQT", "BTG"}
+#: What a request is for (HL7 v3 ActReason) when it does not say (``X-Purpose-Of-Use``): what the
+#: role's work is. Consents name purposes, so a pharmacy's grant (TREAT) reaches its pharmacists,
+#: a payer's (HPAYMT) its claims staff and a study's (HRESCH) its researchers without every client
+#: sending the header; an explicit, known purpose still wins (a payer asking for COVERAGE).
+DEFAULT_PURPOSE: Final[Mapping[str, str]] = MappingProxyType({
+    "patient": "TREAT",
+    "practitioner": "TREAT",
+    "pharmacist": "TREAT",
+    "payer": "HPAYMT",
+    "researcher": "HRESCH",
+    "admin": "HOPERAT",
+    "service": "TREAT",
+})
+#: In the portal a patient looks at their own record: the patient's own request.
+PORTAL_PURPOSE: Final[Mapping[str, str]] = MappingProxyType({**DEFAULT_PURPOSE, "patient": "PATRQT"})
+
+
+def request_purpose(role: str, asked: str | None = None, *, portal: bool = False) -> str:
+    """The purpose of use of a request by ``role``: ``asked`` (the ``X-Purpose-Of-Use`` header)
+    when given, else the role's default (``PORTAL_PURPOSE`` for pages). A purpose the policy does
+    not know is refused (400) rather than silently replaced, so a client never acts under a
+    purpose it did not choose."""
+    if asked is not None and asked.strip():
+        code = asked.strip().upper()
+        if code not in PURPOSES:
+            raise InvalidInput(f"X-Purpose-Of-Use: {asked.strip()[:32]!r} is not a purpose of use this server knows "
+                               f"(HL7 v3 ActReason, e.g. TREAT, ETREAT, HPAYMT, HRESCH, HOPERAT)")
+        return code
+    return (PORTAL_PURPOSE if portal else DEFAULT_PURPOSE).get(role, "TREAT")
 
 
 async def get_node(request: Request) -> Node:
@@ -37,8 +68,8 @@ async def principal(request: Request) -> Principal:
         raise Unauthenticated("a Bearer access token is required (POST /auth/token)")
     node: Node = request.app.state.node
     claims = node.verifier.verify(token.strip())
-    purpose = request.headers.get("x-purpose-of-use", "TREAT").upper()
-    return Principal.from_claims(claims, purpose=purpose if purpose in PURPOSES else "TREAT")
+    purpose = request_purpose(claims.role, request.headers.get("x-purpose-of-use"))
+    return Principal.from_claims(claims, purpose=purpose)
 
 
 NodeDep = Annotated[Node, Depends(get_node)]

@@ -10,6 +10,7 @@ from teleledger.identity import keystore as _keystore_table  # noqa: F401  (regi
 from teleledger.visits import notes_tables as _notes_tables  # noqa: F401  (registers note drafts, message reads)
 from teleledger.prescriptions import tables as _rx_tables  # noqa: F401  (registers the e-prescription tables)
 from teleledger.policy import consent_tables as _consent_tables  # noqa: F401  (registers the consent tables)
+from teleledger.policy import delegate_tables as _delegate_tables  # noqa: F401  (registers the delegation table)
 from teleledger.storage.tables import metadata
 
 connection = context.config.attributes.get("connection")

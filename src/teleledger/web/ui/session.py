@@ -30,7 +30,7 @@ from starlette.concurrency import run_in_threadpool
 
 from teleledger.core.errors import Unauthenticated
 from teleledger.policy.model import Principal
-from teleledger.web.deps import NodeDep
+from teleledger.web.deps import NodeDep, request_purpose
 
 COOKIE = "tl_session"
 #: where a signed-in person may be sent back to after signing in (never an arbitrary URL)
@@ -61,8 +61,8 @@ def page_principal(request: Request) -> Principal | None:
         claims = request.app.state.node.verifier.verify(token)
     except Unauthenticated:
         return None
-    # a patient looking at their own record in the portal is the patient's own request
-    return Principal.from_claims(claims, purpose="PATRQT" if claims.role == "patient" else "TREAT")
+    # pages send no purpose header: the role's default, a patient's own request for patients
+    return Principal.from_claims(claims, purpose=request_purpose(claims.role, portal=True))
 
 
 PagePrincipal = Annotated[Principal | None, Depends(page_principal)]

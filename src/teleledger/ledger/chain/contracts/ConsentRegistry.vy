@@ -15,9 +15,12 @@
         Who may grant/revoke/set delegates for a pseudonym:
           * the bound signer or one of the patient's delegates calling directly (delegates may
             grant and revoke, only the patient manages delegates), or
-          * anyone relaying the bound signer's EIP-712 signature (the platform pays gas; patients
-            need no funds). Each signature carries the patient's current nonce and a deadline;
-            every signed action consumes the nonce, so a signature works at most once.
+          * anyone relaying an EIP-712 signature (the platform pays gas; patients need no funds):
+            the bound signer's for every action, or an active delegate's for GrantConsent and
+            RevokeConsent (a parent, guardian or caregiver acting for the patient; SetDelegate
+            stays the bound signer's alone). Each signature carries the patient's current nonce
+            and a deadline; every signed action consumes the nonce, so a signature works at most
+            once, and a delegate removed before their signature is relayed can no longer use it.
         EIP-712 domain: name "TeleledgerConsent", version "1", chainId, verifyingContract.
         The Python side is teleledger.ledger.chain.eip712; tests check both give one digest.
         Key rotation and lost-key recovery are not in this version.
@@ -27,6 +30,7 @@ interface IParticipantRegistry:
     def has_role(org: bytes32, account: address, role: uint256) -> bool: view
 
 ROLE_OPERATOR: constant(uint256) = 32
+UINT64_MASK: constant(uint256) = 2**64 - 1
 # secp256k1n / 2: reject the high-s twin of every signature (EIP-2)
 MAX_S: constant(uint256) = 57896044618658097711785492504343953926418782139537452191302581570759080747168
 
@@ -86,7 +90,11 @@ signer_of: public(HashMap[bytes32, address])
 pseudonym_of: public(HashMap[address, bytes32])
 is_delegate: public(HashMap[bytes32, HashMap[address, bool]])
 nonces: public(HashMap[bytes32, uint256])
-consents: public(HashMap[bytes32, Consent])
+# one storage slot per consent (key: _key(...)): granted (bit 192) | updated_at (bits 128-191) |
+# valid_until (bits 64-127) | valid_from (bits 0-63). Packed by hand because Vyper gives every
+# struct member its own slot: four slots cost four SSTOREs and four storage-trie leaves per
+# grant, one costs one. Read it through consent_of / is_active.
+_consents: HashMap[bytes32, uint256]
 
 
 @deploy
@@ -112,14 +120,14 @@ def consent_key(pseudonym: bytes32, grantee: bytes32, provision_hash: bytes32) -
 @external
 @view
 def consent_of(pseudonym: bytes32, grantee: bytes32, provision_hash: bytes32) -> Consent:
-    return self.consents[self._key(pseudonym, grantee, provision_hash)]
+    return self._unpack(self._consents[self._key(pseudonym, grantee, provision_hash)])
 
 
 @external
 @view
 def is_active(pseudonym: bytes32, grantee: bytes32, provision_hash: bytes32) -> bool:
     """@notice Granted, not revoked, and block.timestamp inside [valid_from, valid_until)."""
-    c: Consent = self.consents[self._key(pseudonym, grantee, provision_hash)]
+    c: Consent = self._unpack(self._consents[self._key(pseudonym, grantee, provision_hash)])
     if not c.granted or block.timestamp < convert(c.valid_from, uint256):
         return False
     return c.valid_until == 0 or block.timestamp < convert(c.valid_until, uint256)
@@ -215,11 +223,11 @@ def grant_by_sig(
     pseudonym: bytes32, grantee: bytes32, provision_hash: bytes32, valid_from: uint64,
     valid_until: uint64, deadline: uint256, v: uint8, r: bytes32, s: bytes32
 ):
-    """@notice Anyone relays the patient's EIP-712 GrantConsent signature."""
+    """@notice Anyone relays the EIP-712 GrantConsent signature of the patient or of a delegate."""
     self._require_bound(pseudonym)
     nonce: uint256 = self.nonces[pseudonym]
     digest: bytes32 = self._digest(self._grant_struct_hash(pseudonym, grantee, provision_hash, valid_from, valid_until, nonce, deadline))
-    self._check_signature(digest, self.signer_of[pseudonym], deadline, v, r, s)
+    self._check_patient_or_delegate_signature(pseudonym, digest, deadline, v, r, s)
     self.nonces[pseudonym] = nonce + 1
     self._grant(pseudonym, grantee, provision_hash, valid_from, valid_until)
 
@@ -236,11 +244,11 @@ def revoke_by_sig(
     pseudonym: bytes32, grantee: bytes32, provision_hash: bytes32, deadline: uint256,
     v: uint8, r: bytes32, s: bytes32
 ):
-    """@notice Anyone relays the patient's EIP-712 RevokeConsent signature."""
+    """@notice Anyone relays the EIP-712 RevokeConsent signature of the patient or of a delegate."""
     self._require_bound(pseudonym)
     nonce: uint256 = self.nonces[pseudonym]
     digest: bytes32 = self._digest(keccak256(abi_encode(REVOKE_TYPE_HASH, pseudonym, grantee, provision_hash, nonce, deadline)))
-    self._check_signature(digest, self.signer_of[pseudonym], deadline, v, r, s)
+    self._check_patient_or_delegate_signature(pseudonym, digest, deadline, v, r, s)
     self.nonces[pseudonym] = nonce + 1
     self._revoke(pseudonym, grantee, provision_hash)
 
@@ -277,11 +285,29 @@ def _key(pseudonym: bytes32, grantee: bytes32, provision_hash: bytes32) -> bytes
 
 @internal
 @view
-def _check_signature(digest: bytes32, expected: address, deadline: uint256, v: uint8, r: bytes32, s: bytes32):
+def _recover(digest: bytes32, deadline: uint256, v: uint8, r: bytes32, s: bytes32) -> address:
+    """@dev The signer of an unexpired, low-s signature; empty(address) when it does not recover."""
     assert block.timestamp <= deadline, "consent: signature expired"
     assert convert(s, uint256) <= MAX_S, "consent: invalid signature"
-    recovered: address = ecrecover(digest, v, r, s)
+    return ecrecover(digest, v, r, s)
+
+
+@internal
+@view
+def _check_signature(digest: bytes32, expected: address, deadline: uint256, v: uint8, r: bytes32, s: bytes32):
+    recovered: address = self._recover(digest, deadline, v, r, s)
     assert recovered != empty(address) and recovered == expected, "consent: invalid signature"
+
+
+@internal
+@view
+def _check_patient_or_delegate_signature(pseudonym: bytes32, digest: bytes32, deadline: uint256, v: uint8, r: bytes32, s: bytes32):
+    # the zero address is never a delegate (_set_delegate refuses it), but a signature that does
+    # not recover must not even get that far
+    recovered: address = self._recover(digest, deadline, v, r, s)
+    assert recovered != empty(address) and (
+        recovered == self.signer_of[pseudonym] or self.is_delegate[pseudonym][recovered]
+    ), "consent: invalid signature"
 
 
 @internal
@@ -310,9 +336,8 @@ def _grant(pseudonym: bytes32, grantee: bytes32, provision_hash: bytes32, valid_
     assert grantee != empty(bytes32), "consent: empty grantee"
     assert provision_hash != empty(bytes32), "consent: empty provision hash"
     assert valid_until == 0 or valid_until > valid_from, "consent: bad period"
-    self.consents[self._key(pseudonym, grantee, provision_hash)] = Consent(
-        granted=True, valid_from=valid_from, valid_until=valid_until,
-        updated_at=convert(block.timestamp, uint64),
+    self._consents[self._key(pseudonym, grantee, provision_hash)] = self._pack(
+        True, valid_from, valid_until, convert(block.timestamp, uint64)
     )
     log ConsentGranted(
         pseudonym=pseudonym, grantee=grantee, provision_hash=provision_hash,
@@ -323,9 +348,27 @@ def _grant(pseudonym: bytes32, grantee: bytes32, provision_hash: bytes32, valid_
 @internal
 def _revoke(pseudonym: bytes32, grantee: bytes32, provision_hash: bytes32):
     key: bytes32 = self._key(pseudonym, grantee, provision_hash)
-    c: Consent = self.consents[key]
+    c: Consent = self._unpack(self._consents[key])
     assert c.granted, "consent: not granted"
-    c.granted = False
-    c.updated_at = convert(block.timestamp, uint64)
-    self.consents[key] = c
+    self._consents[key] = self._pack(False, c.valid_from, c.valid_until, convert(block.timestamp, uint64))
     log ConsentRevoked(pseudonym=pseudonym, grantee=grantee, provision_hash=provision_hash, by=msg.sender)
+
+
+@internal
+@pure
+def _pack(granted: bool, valid_from: uint64, valid_until: uint64, updated_at: uint64) -> uint256:
+    word: uint256 = convert(valid_from, uint256) | (convert(valid_until, uint256) << 64) | (convert(updated_at, uint256) << 128)
+    if granted:
+        word = word | (1 << 192)
+    return word
+
+
+@internal
+@pure
+def _unpack(word: uint256) -> Consent:
+    return Consent(
+        granted=(word >> 192) & 1 == 1,
+        valid_from=convert(word & UINT64_MASK, uint64),
+        valid_until=convert((word >> 64) & UINT64_MASK, uint64),
+        updated_at=convert((word >> 128) & UINT64_MASK, uint64),
+    )
