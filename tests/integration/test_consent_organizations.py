@@ -21,13 +21,13 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from teleledger.identity.scopes import ROLE_SCOPE_SETS
-from teleledger.ledger.chain.storage import chain_outbox
 from teleledger.policy.consent_tables import break_glass_claims
 from teleledger.policy.model import Principal
 from teleledger.storage import tables as t
 from tests.conftest import database_url, make_settings
 from tests.integration.clinic import encounter
-from tests.integration.helpers import FHIR, create, observation, patient, service_headers
+from tests.integration.helpers import create, observation, patient, service_headers
+from tests.integration.test_consent import Clinic
 
 PASSWORD = "correct horse 1"
 PARTICIPATION = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
@@ -64,49 +64,12 @@ def medication_request(patient_id: str, practitioner_id: str) -> dict:
             "requester": {"reference": f"Practitioner/{practitioner_id}"}}
 
 
-class World:
+class World(Clinic):
     """Alice (treated by Dr Doc of the clinic) and Bob; two pharmacies, a payer, two clinics;
     an account per person, each linked to their organization."""
 
-    def __init__(self, client: TestClient, node: Any) -> None:
-        self.client, self.node = client, node
-        self.ids: dict[str, str] = {}
-        self._auth: dict[str, dict] = {}
-
-    def auth(self, username: str, purpose: str | None = None) -> dict:
-        if username not in self._auth:
-            r = self.client.post("/auth/token", data={"grant_type": "password", "username": username,
-                                                     "password": PASSWORD})
-            assert r.status_code == 200, r.text
-            self._auth[username] = {"Authorization": f"Bearer {r.json()['access_token']}"}
-        headers = {**self._auth[username], **FHIR}
-        if purpose:
-            headers["X-Purpose-Of-Use"] = purpose
-        return headers
-
-    def get(self, username: str, path: str, purpose: str | None = None) -> Any:
-        return self.client.get(f"/fhir/{path}", headers=self.auth(username, purpose))
-
     def search(self, username: str, query: str, purpose: str | None = None) -> tuple[int, list[str]]:
-        r = self.get(username, query, purpose)
-        assert r.status_code == 200, r.text
-        body = r.json()
-        return body.get("total"), sorted(f"{e['resource']['resourceType']}/{e['resource']['id']}"
-                                          for e in body.get("entry", []) if e["search"]["mode"] != "outcome")
-
-    def settle(self) -> None:
-        """Until every chain write is confirmed and the indexer has projected it."""
-        with self.node.engine.connect() as conn:
-            keys = conn.execute(select(chain_outbox.c.idempotency_key)).scalars().all()
-        for key in keys:
-            self.node.chain.wait(key, timeout=30)
-        self.node.chain.indexer.poll_until_caught_up()
-
-    def grant(self, username: str, resource: dict) -> str:
-        r = self.client.post("/fhir/Consent", json=resource, headers=self.auth(username))
-        assert r.status_code == 201, r.text
-        self.settle()
-        return r.json()["id"]
+        return self.search_ids(username, query, purpose)
 
     def principal(self, username: str) -> Principal:
         """The principal a token of this account speaks for (for use cases called directly)."""
