@@ -383,6 +383,7 @@ from teleledger.demo import system_principal  # noqa: E402
 from teleledger.policy import model as pm  # noqa: E402
 from teleledger.policy.sensitivity import classify  # noqa: E402
 from teleledger.fhir import compartment  # noqa: E402
+from teleledger.records.care_tables import SqlCareRelationships  # noqa: E402
 from teleledger.records.search import R, Visibility, visibility_clause  # noqa: E402
 
 _LABELS = ("PSY", "HIV", "ETH")
@@ -412,22 +413,37 @@ def labelled(node):  # type: ignore[no-untyped-def]
                 if meta:
                     r["meta"] = meta
                 node.records.create(svc, r)
+    # rows in both compartments (performer Patient/p2), and a care relationship with p1 only
+    for labels in ((), ("PSY",)):
+        shared = {**observation(ids[0]), "performer": [{"reference": f"Patient/{ids[1]}"}]}
+        if labels:
+            shared["meta"] = {"security": [{"system": ACT_CODE, "code": code} for code in labels]}
+        node.records.create(svc, shared)
+    node.records.create(svc, encounter(ids[0], "care-doc"))
     return node, ids
 
 
 @hsettings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(permit=_rules, deny=_rules, glass=st.booleans(), own=st.booleans())
+@given(permit=_rules, deny=_rules, glass=st.booleans(), own=st.booleans(), care=st.booleans(),
+       thread=st.booleans())
 def test_the_sql_of_a_consent_filter_returns_exactly_the_rows_the_pure_filter_allows(labelled, permit, deny,
-                                                                                     glass, own):
+                                                                                     glass, own, care, thread):
+    """Also through the store's cached, rendered clause (``SqlSearch.visibility``) with and
+    without a patient hint, a hint naming either patient, and one naming nobody."""
     node, (p1, p2) = labelled
     f = pm.Consented(own_patient_id=p2 if own else None, break_glass=frozenset({p2}) if glass else frozenset(),
-                     permits=((frozenset({p1, p2}), permit),), denies=((frozenset({p1}), deny),))
+                     permits=((frozenset({p1, p2}), permit),), denies=((frozenset({p1}), deny),),
+                     care_team_of="care-doc" if care else None, practitioner_id="care-doc" if thread else None)
     vis = Visibility("consented", consented=f, label_hash=node.records._label_hash)
+    rows = select(R.c.res_type, R.c.res_id).where(R.c.res_type.in_(_TYPES), R.c.deleted.is_(False))
     with node.engine.connect() as conn:
-        got = set(conn.execute(select(R.c.res_type, R.c.res_id).where(
-            R.c.res_type.in_(_TYPES), R.c.deleted.is_(False), visibility_clause(vis, R.c.res_type, R.c.res_id))).tuples())
+        got = {"built": set(conn.execute(rows.where(visibility_clause(vis, R.c.res_type, R.c.res_id))).tuples())}
+        for hint in (None, p1, p2, "nobody"):
+            clause, params = node.records.sql.visibility(vis, conn.dialect, patient=hint)
+            got[f"cached, hint {hint}"] = set(conn.execute(rows.where(clause), params).tuples())
         loaded = node.records.store.load_current(conn, [tuple(k) for k in conn.execute(
             select(R.c.res_type, R.c.res_id).where(R.c.res_type.in_(_TYPES))).tuples()])
-    want = {k for k, s in loaded.items()
-            if pm.matches(f, compartment.patient_ids(s.body), s.res_type, classify(s.body))}
-    assert got == want
+        want = {k for k, s in loaded.items()
+                if pm.matches(f, compartment.patient_ids(s.body), s.res_type, classify(s.body),
+                              care=SqlCareRelationships(conn))}
+    assert got == {k: want for k in got}

@@ -12,6 +12,7 @@ only to those who may read it, see ``_deny_unreadable``).
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode
@@ -47,16 +48,15 @@ from teleledger.policy.model import (
 from teleledger.policy.model import matches as filter_matches
 from teleledger.policy.sensitivity import classify
 from teleledger.records.search import (
-    CARE_PARAMS,
-    CARE_TYPES,
     THREAD_PARAMS,
     R,
     SqlSearch,
     Visibility,
-    care_patients_subquery,
-    visibility_clause,
+    patient_hint,
 )
 from teleledger.records.audit import Auditor, Touched, touched
+from teleledger.records.care_tables import CARE_PARAMS, CARE_TYPES, SqlCareRelationships, pairs_of
+from teleledger.records.care_tables import apply as apply_care_changes
 from teleledger.records.index import label_hashes
 from teleledger.records.store import ResourceStore, Stored, instant
 from teleledger.storage import tables as t
@@ -92,25 +92,6 @@ def audited(fn):  # type: ignore[no-untyped-def]
             raise
 
     return wrapper
-
-
-class SqlCareRelationships:
-    """Care relationships read from the index (Encounter/Appointment/CareTeam naming both)."""
-
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
-        self._cache: dict[tuple[str, str], bool] = {}
-
-    def has_care_relationship(self, practitioner_id: str, patient_id: str) -> bool:
-        key = (practitioner_id, patient_id)
-        hit = self._cache.get(key)
-        if hit is None:
-            sub = care_patients_subquery(practitioner_id).where(
-                t.resource_compartments.c.patient_id == patient_id
-            )
-            hit = bool(self.conn.execute(select(exists(sub))).scalar())
-            self._cache[key] = hit
-        return hit
 
 
 def participants_of(resource_type: str, body: dict | None) -> frozenset[str]:
@@ -159,6 +140,46 @@ class RecordsService:
         #: the consent state every decision consults (``policy.consent_index.ConsentIndex``, set
         #: by ``bootstrap``); the default knows no consents
         self.grants: Grants = NO_GRANTS
+        #: the care-relationship answers of each open transaction, shared by all the decisions a
+        #: request makes (a search's rows, a Bundle's entries); gone with the connection
+        self._care: weakref.WeakKeyDictionary[Connection, SqlCareRelationships] = weakref.WeakKeyDictionary()
+        # ``care_relationships`` is derived from the store's writes as the search index is: the
+        # store's change hook is the one place every write path (this service, imports,
+        # prescriptions) passes through, inside the writer's transaction
+        downstream = store.on_change
+
+        def on_change(conn: Connection, stored: list[Stored]) -> None:
+            self._care_changed(conn, stored)
+            if downstream is not None:
+                downstream(conn, stored)
+
+        store.on_change = on_change
+
+    def _care_for(self, conn: Connection) -> SqlCareRelationships:
+        care = self._care.get(conn)
+        if care is None:
+            care = self._care[conn] = SqlCareRelationships(conn)
+        return care
+
+    def _care_changed(self, conn: Connection, stored: list[Stored]) -> None:
+        """Keep ``care_relationships`` in step with versions just written (``care_tables.apply``)."""
+        changes = []
+        for s in stored:
+            if s.res_type not in CARE_TYPES:
+                continue
+            old: frozenset = frozenset()
+            if s.version > 1:
+                # the previous version's pairs, which this write may have removed (its index rows
+                # are gone already); a delete marker before it establishes nothing
+                try:
+                    old = pairs_of(s.res_type, self.store.vread(conn, s.res_type, s.res_id, s.version - 1).body)
+                except (NotFound, Gone):
+                    pass
+            changes.append((old, pairs_of(s.res_type, s.body)))
+        if changes and apply_care_changes(conn, changes):
+            care = self._care.get(conn)
+            if care is not None:
+                care.forget()
 
     def _label_hash(self, label: str) -> str:
         return label_hashes(self.sql.h, label)[0]
@@ -202,7 +223,7 @@ class RecordsService:
         req = AccessRequest(action=action, resource_type=resource_type, patient_ids=frozenset(patients),
                             establishes_care=establishes_care, practitioner_ids=practitioners, labels=labels,
                             participants=participants_of(resource_type, body))
-        return policy.decide(principal, req, SqlCareRelationships(conn), self.grants)
+        return policy.decide(principal, req, self._care_for(conn), self.grants)
 
     def _decide_on(self, conn: Connection, principal: Principal, action: str, s: Stored) -> Decision:
         body = s.body or {}
@@ -458,17 +479,19 @@ class RecordsService:
         self._deny(d, f"search {ps.resource_type}", action="search")
         vis = self.visibility(principal)
         plan = self.sql.plan(ps)
-        where = [R.c.res_type == ps.resource_type, R.c.deleted.is_(False), *plan.where,
-                 visibility_clause(vis, R.c.res_type, R.c.res_id)]
+        visible, params = self.sql.visibility(vis, conn.dialect, patient=patient_hint(ps))
+        where = [R.c.res_type == ps.resource_type, R.c.deleted.is_(False), *plan.where, visible]
         if not plan.post:
-            total = conn.execute(select(func.count()).select_from(R).where(*where)).scalar_one()
+            total = conn.execute(select(func.count()).select_from(R).where(*where), params).scalar_one()
             if limit == 0:
                 return total, [], False
-            ids = conn.execute(select(R.c.res_id).where(*where).order_by(*plan.order_by).limit(limit).offset(offset)).scalars().all()
+            ids = conn.execute(select(R.c.res_id).where(*where).order_by(*plan.order_by).limit(limit).offset(offset),
+                               params).scalars().all()
             loaded = self.store.load_current(conn, [(ps.resource_type, i) for i in ids])
             page = [loaded[(ps.resource_type, i)] for i in ids if (ps.resource_type, i) in loaded]
             return total, self._recheck(conn, vis, page), False
-        ids = conn.execute(select(R.c.res_id).where(*where).order_by(*plan.order_by).limit(MAX_POST_FILTER + 1)).scalars().all()
+        ids = conn.execute(select(R.c.res_id).where(*where).order_by(*plan.order_by).limit(MAX_POST_FILTER + 1),
+                           params).scalars().all()
         if len(ids) > MAX_POST_FILTER:
             raise PayloadTooLarge(
                 f"this search must be matched after decryption and has over {MAX_POST_FILTER} candidates; "
@@ -479,8 +502,7 @@ class RecordsService:
         matched = self._recheck(conn, vis, matched)
         return len(matched), matched[offset : offset + limit], True
 
-    @staticmethod
-    def _recheck(conn: Connection, vis: Visibility, rows: list[Stored]) -> list[Stored]:
+    def _recheck(self, conn: Connection, vis: Visibility, rows: list[Stored]) -> list[Stored]:
         """Every row a consent-filtered search returns, and every message a care-team search
         returns, checked again with the policy's pure definition of the filter
         (``policy.model.matches``): the SQL of ``visibility_clause`` is an optimization of it,
@@ -493,7 +515,7 @@ class RecordsService:
             f = CareTeamOf(vis.practitioner_id)
         else:
             return rows
-        care = SqlCareRelationships(conn)
+        care = self._care_for(conn)
         return [s for s in rows if s.body is not None and filter_matches(
             f, compartment.patient_ids(s.body), s.res_type, classify(s.body), care=care,
             participants=participants_of(s.res_type, s.body))]

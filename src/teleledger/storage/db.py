@@ -29,7 +29,7 @@ from teleledger.core.errors import ConfigurationError, InvalidInput, TeleledgerE
 from teleledger.storage import tables
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-SCHEMA_HEAD = "0011"
+SCHEMA_HEAD = "0012"
 
 #: WAL pages between SQLite's automatic checkpoints. A checkpoint runs inside the commit that
 #: crosses the mark, fsyncs the WAL and the database, and holds up the event loop meanwhile

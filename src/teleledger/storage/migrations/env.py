@@ -11,6 +11,7 @@ from teleledger.visits import notes_tables as _notes_tables  # noqa: F401  (regi
 from teleledger.prescriptions import tables as _rx_tables  # noqa: F401  (registers the e-prescription tables)
 from teleledger.policy import consent_tables as _consent_tables  # noqa: F401  (registers the consent tables)
 from teleledger.policy import delegate_tables as _delegate_tables  # noqa: F401  (registers the delegation table)
+from teleledger.records import care_tables as _care_tables  # noqa: F401  (registers care_relationships)
 from teleledger.storage.tables import metadata
 
 connection = context.config.attributes.get("connection")
