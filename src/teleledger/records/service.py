@@ -21,7 +21,6 @@ from sqlalchemy import Connection, Engine, and_, exists, func, literal, select
 
 from teleledger.core.errors import (
     AccessDenied,
-    Forbidden,
     Gone,
     InvalidInput,
     NotFound,
