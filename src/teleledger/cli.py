@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from pydantic import ValidationError
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from teleledger.cli_support import console, fail, load_settings
 from teleledger.cli_chain import register as register_chain
 from teleledger.cli_consent import register as register_consent
 from teleledger.cli_research import register as register_research
@@ -38,22 +37,7 @@ register_chain(app)
 register_keys(app)
 register_consent(app)
 register_research(app)
-# soft_wrap: an error message stays on one line when stderr is not a terminal
-console = Console(stderr=True, soft_wrap=True)
-
-
-def _fail(message: str, code: int = 1) -> None:
-    console.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code)
-
-
-def _settings(**overrides: object) -> Settings:
-    try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        _fail(f"bad setting TELELEDGER_{'_'.join(str(p) for p in first['loc']).upper()}: {first['msg']}")
-        raise  # unreachable
+_fail, _settings = fail, load_settings
 
 
 def _node(settings: Settings):  # type: ignore[no-untyped-def]

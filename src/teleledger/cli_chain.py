@@ -22,30 +22,13 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.console import Console
-from pydantic import ValidationError
-from rich.markup import escape
 
-from teleledger.config import Settings
+from teleledger.cli_support import fail, load_settings
 from teleledger.core.errors import TeleledgerError
 
 __all__ = ["register"]
 
-console = Console(stderr=True, soft_wrap=True)
-
-
-def _settings() -> Settings:
-    try:
-        return Settings()
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        _fail(f"bad setting TELELEDGER_{'_'.join(str(p) for p in first['loc']).upper()}: {first['msg']}")
-        raise  # unreachable
-
-
-def _fail(message: str, code: int = 1) -> None:
-    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
-    raise typer.Exit(code)
+_fail, _settings = fail, load_settings
 
 
 def _status(client: Any, contracts: dict[str, str]) -> dict[str, Any]:

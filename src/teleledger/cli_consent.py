@@ -14,16 +14,12 @@ import json
 from typing import Annotated
 
 import typer
-from pydantic import ValidationError
-from rich.console import Console
-from rich.markup import escape
 
-from teleledger.config import Settings
+from teleledger.cli_support import fail, load_settings
 from teleledger.core.errors import TeleledgerError
 
 __all__ = ["register"]
 
-console = Console(stderr=True, soft_wrap=True)
 consent_app = typer.Typer(help="Patient consent: explain an access.", no_args_is_help=True)
 
 
@@ -32,9 +28,7 @@ def register(app: typer.Typer) -> None:
     app.add_typer(consent_app, name="consent")
 
 
-def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
-    raise typer.Exit(1)
+_fail = fail
 
 
 @consent_app.command("explain")
@@ -43,10 +37,7 @@ def explain(audit_event_id: Annotated[str, typer.Argument(help="the AuditEvent i
     from teleledger.bootstrap import build
     from teleledger.demo import system_principal
 
-    try:
-        settings = Settings()
-    except ValidationError as exc:
-        _fail(f"bad setting: {exc.errors()[0]['msg']}")
+    settings = load_settings()
     node = None
     try:
         node = build(settings)

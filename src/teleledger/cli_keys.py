@@ -21,33 +21,20 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from teleledger.config import Settings
+from teleledger.cli_support import fail, load_settings
 from teleledger.core.errors import TeleledgerError
 
 __all__ = ["register"]
 
-console = Console(stderr=True, soft_wrap=True)
 #: geth's --lightkdf cost: fast to open, far cheaper to brute-force than the standard 2^18
 LIGHT_SCRYPT_N = 1 << 12
 
 
-def _fail(message: str, code: int = 1) -> None:
-    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
-    raise typer.Exit(code)
-
-
-def _settings() -> Settings:
-    try:
-        return Settings()
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        _fail(f"bad setting TELELEDGER_{'_'.join(str(p) for p in first['loc']).upper()}: {first['msg']}")
-        raise  # unreachable
+_fail, _settings = fail, load_settings
 
 
 def _password(password_file: Path | None, *, confirm: bool) -> str:

@@ -14,17 +14,14 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from pydantic import ValidationError
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn
 
-from teleledger.config import Settings
+from teleledger.cli_support import console, fail, load_settings
 from teleledger.core.errors import TeleledgerError
 
 __all__ = ["register"]
 
-console = Console(stderr=True, soft_wrap=True)
 research_app = typer.Typer(help="Research sharing: de-identified study exports.", no_args_is_help=True)
 
 
@@ -33,9 +30,7 @@ def register(app: typer.Typer) -> None:
     app.add_typer(research_app, name="research")
 
 
-def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
-    raise typer.Exit(1)
+_fail = fail
 
 
 @research_app.command("export")
@@ -48,10 +43,7 @@ def export(study_id: Annotated[str, typer.Argument(help="the ResearchStudy id (o
     from teleledger.policy.model import Principal
     from teleledger.records.research_export import research_export
 
-    try:
-        settings = Settings()
-    except ValidationError as exc:
-        _fail(f"bad setting: {exc.errors()[0]['msg']}")
+    settings = load_settings()
     node = None
     try:
         node = build(settings)

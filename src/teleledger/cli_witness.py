@@ -19,9 +19,8 @@ from typing import Annotated, Optional
 import typer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
-from rich.console import Console
-from rich.markup import escape
 
+from teleledger.cli_support import console, fail
 from teleledger.config import Settings
 from teleledger.core.crypto import secret_file
 from teleledger.core.errors import ConfigurationError
@@ -34,12 +33,9 @@ KEY_FILE = "witness.key"
 STATE_FILE = "state.json"
 EXIT_REFUSED = 3
 
-console = Console(stderr=True, soft_wrap=True)  # a reason stays on one line, whatever the width
 
 
-def _fail(message: str, code: int = 1) -> None:
-    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
-    raise typer.Exit(code)
+_fail = fail
 
 
 def _defaults(home: Path | None, name: str | None) -> tuple[Path, str]:
