@@ -32,6 +32,7 @@ from teleledger.policy import decide as policy
 from teleledger.records.audit_events import LEAF_HASH_URL
 from teleledger.web.deps import NodeDep
 from teleledger.web.ui import session
+from teleledger.web.ui.privacy_pages import break_glass_banner
 from teleledger.web.ui.session import PagePrincipal, render
 
 ACCESS_LOG_SIZE = 200
@@ -149,7 +150,8 @@ def home(request: Request, node: NodeDep, user: PagePrincipal) -> HTMLResponse:
 def portal(request: Request, node: NodeDep, user: PagePrincipal) -> Response:
     if user is None:
         return _to_login("/portal")
-    return render(request, "portal.html", {"node_name": node.settings.node_name}, user=user)
+    return render(request, "portal.html", {"node_name": node.settings.node_name,
+                                           "glass": break_glass_banner(request, user)}, user=user)
 
 
 @router.get("/portal/access-log", response_class=HTMLResponse)

@@ -7,8 +7,8 @@
     POST /portal/break-glass/seen     the patient dismisses the notices: the portal's banner goes
                                       away until a new claim is made
 
-Importing this module registers ``break_glass_banner(request, user)`` for templates: the portal
-home shows the patient every claim on them they have not dismissed (kept with the claim,
+``break_glass_banner(request, user)`` gives the portal home (``pages.portal``) every claim on the
+signed-in patient they have not dismissed (kept with the claim,
 ``break_glass_claims.seen_by_patient``, so on every device); dismissed claims stay listed on the
 consent page and in the access log.
 
@@ -29,7 +29,6 @@ from sqlalchemy.exc import SQLAlchemyError
 from teleledger.core.errors import Forbidden, TeleledgerError
 from teleledger.policy.model import Principal
 from teleledger.web.deps import in_thread
-from teleledger.web.ui import session
 from teleledger.web.ui.session import PagePrincipal, render
 
 log = logging.getLogger("teleledger.web")
@@ -72,13 +71,16 @@ async def review(request: Request, user: PagePrincipal) -> Response:
 
 
 def break_glass_banner(request: Request, user: Principal | None) -> list[dict]:
-    """The claims on the signed-in patient not yet marked as seen, for the portal's banner. A
-    failure leaves the banner out, never the page (the claims stay on the consent page)."""
-    if user is None or user.role != "patient" or user.patient_id is None:
+    """The claims on the signed-in patient not yet dismissed, for the portal's banner (none for
+    anyone else: the service decides). A failure leaves the banner out, never the page (the
+    claims stay on the consent page)."""
+    if user is None:
         return []
     service = request.app.state.node.consent_service
     try:
         notices = service.break_glass_notices(user)
+    except Forbidden:
+        return []
     except (TeleledgerError, SQLAlchemyError) as exc:
         log.warning("break-glass notices unavailable: %s", type(exc).__name__)
         return []
@@ -87,8 +89,6 @@ def break_glass_banner(request: Request, user: Principal | None) -> list[dict]:
              "latest": n["started"]} for n in notices]
 
 
-session.templates.env.globals["break_glass_banner"] = break_glass_banner
-
 
 @router.post(SEEN_PATH)
 async def mark_seen(request: Request, user: PagePrincipal) -> Response:
@@ -96,13 +96,12 @@ async def mark_seen(request: Request, user: PagePrincipal) -> Response:
     made while the page was open is not dismissed with the others."""
     if user is None:
         return _no_store_redirect("/login?next=/portal")
-    if user.role != "patient" or user.patient_id is None:
-        return render(request, "forbidden.html", {"message": "Break-glass notices are shown to the patient they concern."},
-                      status=403, user=user)
     latest = str((await request.form()).get("latest", ""))[:20]
-    if latest.isdigit():
+    try:
         await in_thread(request, request.app.state.node.consent_service.dismiss_break_glass_notices, user,
-                        upto_us=int(latest))
+                        upto_us=int(latest) if latest.isdigit() else 0)
+    except Forbidden as exc:
+        return render(request, "forbidden.html", {"message": exc.message}, status=403, user=user)
     return _no_store_redirect("/portal")
 
 
