@@ -117,6 +117,7 @@ class EventFollower(BackgroundThread):
         while not self._stop.is_set():
             try:
                 self.poll()
-            except Exception:  # a database hiccup must not end the thread; the next poll retries
-                log.exception("chain event follower poll failed")
+            except Exception as exc:  # a database hiccup must not end the thread; the next poll retries
+                # the kind only: a traceback's values could come from projected records
+                log.error("chain event follower poll failed (%s)", type(exc).__name__)
             self._stop.wait(self.poll_interval)
