@@ -16,6 +16,7 @@ from sqlalchemy import Connection
 
 from teleledger.core.crypto import MasterKey, new_data_key
 from teleledger.core.errors import TeleledgerError
+from teleledger.storage import group_commit
 from teleledger.storage.db import run
 
 NODE_KEY = "node"
@@ -56,6 +57,13 @@ class KeyRing:
         self._cache: dict[str, AESGCM] = {}
         self._lock = threading.Lock()
         self._max = max_cached
+        # under group commit a key read here may be one another member of the group created:
+        # if the group's commit fails, forget everything rather than keep a key never stored
+        group_commit.forget_on_failure(self)
+
+    def forget_uncommitted(self) -> None:
+        with self._lock:
+            self._cache.clear()
 
     def _remember(self, key_id: str, aead: AESGCM) -> AESGCM:
         with self._lock:

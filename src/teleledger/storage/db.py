@@ -14,20 +14,21 @@ exception classes, so ``UnitOfWork`` reports them exactly as it reports any othe
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import lru_cache
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event, inspect, select, text
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError, SQLAlchemyError
 
 from teleledger.core.errors import ConfigurationError, InvalidInput, TeleledgerError
-from teleledger.storage import tables
+from teleledger.storage import group_commit, tables
 
+T = TypeVar("T")
 MIGRATIONS = Path(__file__).parent / "migrations"
 SCHEMA_HEAD = "0012"
 
@@ -55,6 +56,10 @@ class WriteLockBusy(Exception):  # noqa: N818 - not an error: a signal to the ca
 _FAIL_FAST: ContextVar[list[bool] | None] = ContextVar("teleledger_fail_fast", default=None)
 
 
+# set by ``on_this_loop``: units that commit there leave their group open and are listed here
+_DEFERRED: ContextVar[list[tuple[Any, Any, list]] | None] = ContextVar("teleledger_deferred", default=None)
+
+
 @contextmanager
 def fail_fast() -> Iterator[None]:
     """Inside the block, the *first* unit of work to begin on SQLite raises ``WriteLockBusy``
@@ -65,6 +70,45 @@ def fail_fast() -> Iterator[None]:
         yield
     finally:
         _FAIL_FAST.reset(token)
+
+
+async def on_this_loop(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """Run ``fn`` — short, synchronous, using units of work — right here on the event loop,
+    under ``fail_fast`` (its first unit raises ``WriteLockBusy`` instead of waiting), and
+    return its result once everything it committed is durable.
+
+    On a SQLite file the loop's requests share commits: a unit's ``commit()`` inside ``fn``
+    leaves its work in the open group and returns; this coroutine then awaits the group's
+    commit, which runs once the loop has served the requests already ready (they join the
+    same group) — one commit for all of them, and nobody acknowledged before it.
+    """
+    pending: list[tuple[Any, Any, list]] = []
+    token = _DEFERRED.set(pending)
+    try:
+        with fail_fast():
+            result = fn(*args, **kwargs)
+    except BaseException:
+        _DEFERRED.reset(token)
+        await _durable(pending, quiet=True)
+        raise
+    _DEFERRED.reset(token)
+    await _durable(pending)
+    return result
+
+
+async def _durable(pending: list[tuple[Any, Any, list]], *, quiet: bool = False) -> None:
+    failed: BaseException | None = None
+    for group_commit_, group, callbacks in pending:
+        try:
+            await group_commit_.durable(group)
+        except group_commit.GroupFailed as exc:
+            failed = failed or exc
+            continue
+        for fn in callbacks:
+            fn()
+    if failed is not None and not quiet:
+        raise StorageUnavailable(
+            "the database could not store the change (nothing was stored); try again") from failed
 
 
 def sqlite_pragmas(engine: Engine, *, synchronous: str | int | None = None, query_only: bool = False,
@@ -93,6 +137,34 @@ def sqlite_pragmas(engine: Engine, *, synchronous: str | int | None = None, quer
         cur.close()
 
 
+def _sqlite_file_url(url: str) -> bool:
+    database = url.split("///", 1)[1] if "///" in url else ""
+    return database not in ("", ":memory:") and not database.startswith("file:")
+
+
+def _begin_immediate(conn: Connection, first: list[bool] | None) -> None:
+    """``BEGIN IMMEDIATE`` on the driver (SQLAlchemy's statement machinery cost more than the
+    statement); ``first``: the unfinished flag of a ``fail_fast`` block, whose first unit
+    raises ``WriteLockBusy`` instead of waiting."""
+    driver = conn.connection.driver_connection
+    if first is None:
+        try:
+            driver.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise _translate(conn, "BEGIN IMMEDIATE", (), exc) from exc
+        return
+    first[0] = False
+    driver.execute("PRAGMA busy_timeout=0")
+    try:
+        driver.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as exc:
+        if "locked" not in str(exc) and "busy" not in str(exc):
+            raise
+        raise WriteLockBusy from None
+    finally:
+        driver.execute("PRAGMA busy_timeout=30000")
+
+
 def make_engine(url: str, *, sqlite_synchronous: str = "NORMAL") -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(
@@ -106,27 +178,26 @@ def make_engine(url: str, *, sqlite_synchronous: str = "NORMAL") -> Engine:
         # power loss at one fsync per commit (TELELEDGER_SQLITE_SYNCHRONOUS=FULL)
         sqlite_pragmas(engine, synchronous=sqlite_synchronous, wal_autocheckpoint=WAL_AUTOCHECKPOINT_PAGES)
 
+        group = group_commit.install(engine) if _sqlite_file_url(url) else None
+
         @event.listens_for(engine, "begin")
         def _begin(conn):  # type: ignore[no-untyped-def]
+            if group_commit.begun_by_group(conn):
+                return  # the group's own BEGIN IMMEDIATE, already issued
             first = _FAIL_FAST.get()
-            driver = conn.connection.driver_connection
-            if first is None or not first[0]:
-                # on the driver: SQLAlchemy's statement machinery cost more than the statement
+            fail_fast_first = first is not None and first[0]
+            if group is not None:
+                # any other transaction of this process queues on the group's lock too
                 try:
-                    driver.execute("BEGIN IMMEDIATE")
-                except sqlite3.Error as exc:
-                    raise _translate(conn, "BEGIN IMMEDIATE", (), exc) from exc
-                return
-            first[0] = False
-            driver.execute("PRAGMA busy_timeout=0")
+                    group_commit.hold(group, conn, fail_fast=fail_fast_first)
+                except group_commit.LockBusy:
+                    raise WriteLockBusy from None
             try:
-                driver.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) and "busy" not in str(exc):
-                    raise
-                raise WriteLockBusy from None
-            finally:
-                driver.execute("PRAGMA busy_timeout=30000")
+                _begin_immediate(conn, first if fail_fast_first else None)
+            except BaseException:
+                if group is not None and conn.info.pop(group_commit.HOLD, False):
+                    group.release()
+                raise
 
         return engine
     if url.startswith("postgresql"):
@@ -137,15 +208,26 @@ def make_engine(url: str, *, sqlite_synchronous: str = "NORMAL") -> Engine:
 
 
 class UnitOfWork:
-    """One database transaction. Leaving the ``with`` block without ``commit()`` rolls back."""
+    """One database transaction. Leaving the ``with`` block without ``commit()`` rolls back.
+
+    On a SQLite file the unit is a member of the process's group commit
+    (``storage.group_commit``): it runs in a savepoint of a transaction shared with the units
+    queued behind it, and ``commit()`` returns once the shared commit has made it durable. The
+    connection is the group's: after ``commit()`` the unit has none (``c`` asserts).
+    """
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self.conn: Connection | None = None
         self._tx = None
         self._after_commit: list = []
+        self._group: group_commit.GroupCommit | None = None
 
     def __enter__(self) -> UnitOfWork:
+        group = group_commit.group_of(self._engine)
+        if group is not None:
+            self._enter_group(group)
+            return self
         try:
             self.conn = self._engine.connect()
             self._tx = self.conn.begin()
@@ -160,6 +242,30 @@ class UnitOfWork:
             raise
         return self
 
+    def _enter_group(self, group: group_commit.GroupCommit) -> None:
+        first = _FAIL_FAST.get()
+        fail_fast_first = first is not None and first[0]
+        try:
+            group.acquire(fail_fast=fail_fast_first)
+        except group_commit.LockBusy:
+            raise WriteLockBusy from None
+        except OperationalError as exc:
+            raise StorageUnavailable("the database is busy; try again shortly") from exc
+        try:
+            self.conn = group.join(fail_fast=fail_fast_first)
+        except group_commit.LockBusy:
+            group.release()
+            raise WriteLockBusy from None
+        except OperationalError as exc:
+            group.release()
+            raise StorageUnavailable("the database is not reachable; try again shortly") from exc
+        except BaseException:
+            group.release()
+            raise
+        if first is not None:
+            first[0] = False
+        self._group = group
+
     @property
     def c(self) -> Connection:
         assert self.conn is not None, "unit of work used outside its with block"
@@ -169,21 +275,43 @@ class UnitOfWork:
         self._after_commit.append(fn)
 
     def commit(self) -> None:
-        assert self._tx is not None
-        self._tx.commit()
-        self._tx = None
+        group = self._group
+        if group is not None:
+            self._group = None
+            self.conn = None
+            deferred = _DEFERRED.get()
+            try:
+                open_group = group.leave(succeeded=True, fail_fast=_FAIL_FAST.get() is not None,
+                                         defer=deferred is not None)
+            except group_commit.GroupFailed as exc:
+                raise StorageUnavailable(
+                    "the database could not store the change (nothing was stored); try again") from exc
+            if open_group is not None:
+                assert deferred is not None
+                callbacks, self._after_commit = self._after_commit, []
+                deferred.append((group, open_group, callbacks))  # on_this_loop awaits it
+                return
+        else:
+            assert self._tx is not None
+            self._tx.commit()
+            self._tx = None
         callbacks, self._after_commit = self._after_commit, []
         for fn in callbacks:
             fn()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        try:
-            if self._tx is not None:
-                self._tx.rollback()
-        finally:
-            assert self.conn is not None
-            self.conn.close()
+        group = self._group
+        if group is not None:
+            self._group = None
             self.conn = None
+            group.leave(succeeded=False, fail_fast=_FAIL_FAST.get() is not None)
+        elif self.conn is not None:
+            try:
+                if self._tx is not None:
+                    self._tx.rollback()
+            finally:
+                self.conn.close()
+                self.conn = None
         if isinstance(exc, DataError):
             # a value the database cannot hold (NUL in text, number out of range): the client's input
             raise InvalidInput("a value in the request cannot be stored (out of range or invalid characters)") from exc

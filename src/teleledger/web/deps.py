@@ -19,7 +19,7 @@ from teleledger.bootstrap import Node
 from teleledger.core.errors import InvalidInput, Unauthenticated
 from teleledger.policy.consent import PURPOSES
 from teleledger.policy.model import Principal
-from teleledger.storage.db import WriteLockBusy, fail_fast
+from teleledger.storage.db import WriteLockBusy, on_this_loop
 
 #: What a request is for (HL7 v3 ActReason) when it does not say (``X-Purpose-Of-Use``): what the
 #: role's work is. Consents name purposes, so a pharmacy's grant (TREAT) reaches its pharmacists,
@@ -115,7 +115,9 @@ async def in_place(request: Request, fn: Callable[..., T], /, *args: Any, **kwar
     short transactions, another process) the interaction waits here without blocking the
     loop, trying again every millisecond; after ``LOCK_POLL_SECONDS`` it takes a thread and
     waits in SQLite's busy handler as before. Only the first unit of work may be retried
-    (``storage.db.fail_fast``): it fails before anything was read or written.
+    (``storage.db.fail_fast``): it fails before anything was read or written. The requests the
+    loop serves in one turn share one commit (``storage.db.on_this_loop``, group commit): each
+    is answered once that commit has made its work durable.
 
     Searches, histories and bundles may run long and always take a thread; on PostgreSQL
     everything does (each statement is a network round trip).
@@ -124,8 +126,7 @@ async def in_place(request: Request, fn: Callable[..., T], /, *args: Any, **kwar
         give_up = None
         while True:
             try:
-                with fail_fast():
-                    return fn(*args, **kwargs)
+                return await on_this_loop(fn, *args, **kwargs)
             except WriteLockBusy:
                 now = time.monotonic()
                 if give_up is None:

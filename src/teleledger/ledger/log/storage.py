@@ -103,6 +103,7 @@ from teleledger.core.errors import TeleledgerError
 from teleledger.ledger.log import merkle
 from teleledger.ledger.log.merkle import EMPTY_ROOT, CompactRange, NodeKey
 from teleledger.ledger.log.note import Checkpoint, Signer, append_signature_lines, sign_note
+from teleledger.storage import group_commit
 from teleledger.storage.db import UnitOfWork, run_many, sqlite_pragmas
 from teleledger.storage.tables import metadata
 
@@ -265,7 +266,9 @@ def sequencer_engine(engine: Engine, *, poll: float = 0.0005, timeout: float = 3
     """
     if engine.dialect.name == "postgresql":
         return create_engine(engine.url, pool_size=2, max_overflow=2, pool_pre_ping=True)
-    if not _sqlite_file(engine):
+    if not _sqlite_file(engine) or group_commit.group_of(engine) is not None:
+        # under group commit the sequencer queues on the process's write lock like every
+        # other writer (its transactions join the group), which is fair without polling
         return engine
     probe = engine.raw_connection()  # a pooled DBAPI connection: no SQLAlchemy BEGIN
     try:
