@@ -12,7 +12,14 @@ import pytest
 from sqlalchemy import text
 
 from teleledger.storage import group_commit
-from teleledger.storage.db import StorageUnavailable, UnitOfWork, make_engine, on_this_loop
+from teleledger.storage.db import (
+    StorageUnavailable,
+    UnitOfWork,
+    WriteLockBusy,
+    make_engine,
+    on_this_loop,
+    write_lock_released,
+)
 
 
 @pytest.fixture()
@@ -69,7 +76,43 @@ def test_threads_share_commits_and_each_is_durable_when_acknowledged(db) -> None
     assert not_durable == []
     assert len(committed(path)) == 32 * 40
     assert group.committed_units == 32 * 40
-    assert group.commits < group.committed_units / 2, (group.commits, group.committed_units)
+    assert group.commits <= group.committed_units
+
+
+def test_units_queued_behind_a_unit_join_its_group_and_one_commit_stores_them_all(db, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(group_commit, "MAX_AGE_S", 60.0)  # the group stays open while we hold it
+    engine, path = db
+    group = group_commit.group_of(engine)
+    assert group is not None
+    holding, release = threading.Event(), threading.Event()
+    durable: dict[str, bool] = {}
+
+    def first() -> None:
+        with UnitOfWork(engine) as uow:
+            uow.c.execute(text("INSERT INTO item (who, parent) VALUES ('first', 1)"))
+            holding.set()
+            release.wait(5)
+            uow.commit()
+        durable["first"] = committed(path, "first") == ["first"]
+
+    def queued(k: int) -> None:
+        insert(engine, f"q{k:02d}")
+        durable[f"q{k:02d}"] = committed(path, f"q{k:02d}") == [f"q{k:02d}"]
+
+    head = threading.Thread(target=first)
+    head.start()
+    assert holding.wait(5)
+    before = group.commits
+    others = [threading.Thread(target=queued, args=(k,)) for k in range(16)]
+    for t in others:
+        t.start()
+    while group._queued < 16:  # noqa: SLF001 - wait until all sixteen queue on the lock
+        threading.Event().wait(0.005)
+    release.set()
+    for t in [head, *others]:
+        t.join()
+    assert group.commits - before == 1
+    assert durable == {"first": True, **{f"q{k:02d}": True for k in range(16)}}
 
 
 def test_a_failing_unit_is_rolled_back_alone(db) -> None:  # type: ignore[no-untyped-def]
@@ -218,3 +261,38 @@ def test_other_connections_of_the_process_queue_on_the_same_lock(db) -> None:  #
     assert not any(t.is_alive() for t in threads)
     assert len(committed(path)) == 16 * 30
     assert len(counts) == 8 * 30 and max(counts) <= 16 * 30
+
+
+def test_a_request_on_the_loop_is_woken_when_a_threads_unit_releases_the_lock(db) -> None:  # type: ignore[no-untyped-def]
+    """Told ``WriteLockBusy``, a request waits for the release itself — not for its timeout."""
+    engine, path = db
+    group = group_commit.group_of(engine)
+    assert group is not None
+    inside = threading.Event()
+    finish = threading.Event()
+
+    def slow() -> None:
+        with UnitOfWork(engine) as uow:
+            uow.c.execute(text("INSERT INTO item (who, parent) VALUES ('slow', 1)"))
+            inside.set()
+            finish.wait(10)
+            uow.commit()
+
+    worker = threading.Thread(target=slow)
+    worker.start()
+    assert inside.wait(5)
+
+    async def main() -> str:
+        with pytest.raises(WriteLockBusy):
+            await on_this_loop(insert, engine, "busy")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        loop.call_later(0.05, finish.set)
+        await write_lock_released(engine, 30.0)  # a timeout the test would notice
+        waited = loop.time() - started
+        await on_this_loop(insert, engine, "after")
+        return f"{waited:.0f}"
+
+    assert asyncio.run(main()) == "0"  # well under a second: woken by the release
+    worker.join()
+    assert committed(path) == ["after", "slow"]

@@ -13,6 +13,7 @@ exception classes, so ``UnitOfWork`` reports them exactly as it reports any othe
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -94,6 +95,16 @@ async def on_this_loop(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     _DEFERRED.reset(token)
     await _durable(pending)
     return result
+
+
+async def write_lock_released(engine: Engine, timeout_s: float) -> None:
+    """After ``WriteLockBusy``: wait until this process's write lock is released (group commit
+    on a SQLite file) or ``timeout_s`` has passed, whichever comes first."""
+    group = group_commit.group_of(engine)
+    if group is None:
+        await asyncio.sleep(timeout_s)
+    else:
+        await group.when_free(timeout_s)
 
 
 async def _durable(pending: list[tuple[Any, Any, list]], *, quiet: bool = False) -> None:

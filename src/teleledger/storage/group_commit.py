@@ -101,6 +101,8 @@ class GroupCommit:
         self._conn: Connection | None = None
         self._pid = os.getpid()
         self._group: _Group | None = None
+        # event-loop callers told the lock was busy, waiting for its release: (loop, future)
+        self._free_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         #: shared commits made, and the units they made durable (their ratio: the group size)
         self.commits = 0
         self.committed_units = 0
@@ -131,6 +133,25 @@ class GroupCommit:
     def release(self) -> None:
         self._owner = None
         self._lock.release()
+        if self._free_waiters:
+            with self._mutex:
+                waiters, self._free_waiters = self._free_waiters, []
+            _wake(waiters, None)
+
+    def when_free(self, timeout_s: float) -> asyncio.Future[None]:
+        """A future of the running loop that completes when the lock is next released, or
+        after ``timeout_s`` (a busy database may be another process's doing: nobody here
+        would release anything). Lets requests on the loop wait for a thread's unit without
+        polling — and then all run in the same turn of the loop, in one group."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        with self._mutex:
+            self._free_waiters.append((loop, future))
+        if not self._lock.locked():  # released before we were listed
+            _settle(future, None)
+        else:
+            loop.call_later(timeout_s, _settle, future, None)
+        return future
 
     def _nobody_waiting(self) -> bool:
         with self._mutex:
@@ -306,11 +327,7 @@ class GroupCommit:
         if error is not None and group.members:
             for cache in list(_CACHES):
                 cache.forget_uncommitted()
-        for loop, future in futures:
-            try:
-                loop.call_soon_threadsafe(_settle, future, error)
-            except RuntimeError:  # that loop is closed: nobody is waiting any more
-                pass
+        _wake(futures, error)
 
     def _discard(self) -> None:
         conn, self._conn = self._conn, None
@@ -335,6 +352,24 @@ class GroupCommit:
             conn, self._conn = self._conn, None
             if conn is not None and self._pid == os.getpid():
                 conn.close()
+
+
+def _wake(waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]],
+          error: BaseException | None) -> None:
+    """Settle futures of event loops from whichever thread we are on (on the loop's own
+    thread directly: no wake-up write to the loop's self-pipe)."""
+    try:
+        here = asyncio.get_running_loop()
+    except RuntimeError:
+        here = None
+    for loop, future in waiters:
+        if loop is here:
+            _settle(future, error)
+            continue
+        try:
+            loop.call_soon_threadsafe(_settle, future, error)
+        except RuntimeError:  # that loop is closed: nobody is waiting any more
+            pass
 
 
 def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:

@@ -19,7 +19,7 @@ from teleledger.bootstrap import Node
 from teleledger.core.errors import InvalidInput, Unauthenticated
 from teleledger.policy.consent import PURPOSES
 from teleledger.policy.model import Principal
-from teleledger.storage.db import WriteLockBusy, on_this_loop
+from teleledger.storage.db import WriteLockBusy, on_this_loop, write_lock_released
 
 #: What a request is for (HL7 v3 ActReason) when it does not say (``X-Purpose-Of-Use``): what the
 #: role's work is. Consents name purposes, so a pharmacy's grant (TREAT) reaches its pharmacists,
@@ -113,7 +113,7 @@ async def in_place(request: Request, fn: Callable[..., T], /, *args: Any, **kwar
     GIL to the event loop and waits to get it back: ~0.4 ms of CPU per request under load, more
     than the interaction's own SQL. While the lock is held elsewhere (the log sequencer's
     short transactions, another process) the interaction waits here without blocking the
-    loop, trying again every millisecond; after ``LOCK_POLL_SECONDS`` it takes a thread and
+    loop, trying again when this process's lock is released or after a millisecond; after ``LOCK_POLL_SECONDS`` it takes a thread and
     waits in SQLite's busy handler as before. Only the first unit of work may be retried
     (``storage.db.fail_fast``): it fails before anything was read or written. The requests the
     loop serves in one turn share one commit (``storage.db.on_this_loop``, group commit): each
@@ -133,5 +133,5 @@ async def in_place(request: Request, fn: Callable[..., T], /, *args: Any, **kwar
                     give_up = now + LOCK_POLL_SECONDS
                 elif now > give_up:
                     break
-            await asyncio.sleep(0.001)
+            await write_lock_released(request.app.state.node.engine, 0.001)
     return await in_thread(request, fn, *args, **kwargs)
