@@ -1,7 +1,7 @@
 """Chain benchmark: committed consent grants per second, embedded chain against a Hardhat node.
 
     .venv/bin/python bench/bench_chain.py [--grants 2000] [--callers 8] [--batch 50]
-        [--hardhat-url URL] [--dir DIR]
+        [--hardhat-url URL] [--py-evm-baseline] [--dir DIR]
 
 The same workload runs through the same ``ChainClient`` code against each backend, in one run:
 
@@ -11,7 +11,10 @@ The same workload runs through the same ``ChainClient`` code against each backen
   ``$TELELEDGER_TEST_CHAIN_URL``. Without one the script says so and reports the embedded
   figures alone (no ratio). Hardhat automines one block per transaction, so a run adds about
   4 x ``--grants`` blocks to that node: point it at a throwaway node, not at one that test
-  suites share (code that reads logs from block 0 in bounded steps slows down as it grows).
+  suites share (code that reads logs from block 0 in bounded steps slows down as it grows);
+* with ``--py-evm-baseline``, the embedded chain once more on py-evm's own interpreter and tries
+  (``EmbeddedChain(fast_evm=False)``, "embedded-py-evm"): the before/after of
+  ``ledger.chain.interpreter`` and ``ledger.chain.trie`` measured in the same run.
 
 Workload: ``ConsentRegistry.grant_by_sig`` — a relayer submits a patient's EIP-712 signed
 consent grant, the contract checks the signature (``ecrecover``), consumes the patient's nonce,
@@ -276,7 +279,7 @@ def bars(results: list[Result]) -> Table:
     table = Table(title="committed grants/s", show_header=False, box=None)
     for r in results:
         width = max(1, round(40 * r.rate / top))
-        colour = "green" if r.backend == "embedded" else "cyan"
+        colour = {"embedded": "green", "hardhat": "cyan"}.get(r.backend, "yellow")
         table.add_row(f"{r.backend} {r.mode}", f"[{colour}]{'█' * width}[/] {r.rate:,.0f}")
     return table
 
@@ -304,6 +307,11 @@ def report(results: list[Result], args: argparse.Namespace, info: dict[str, str]
         if hh is not None:
             ratio = emb.rate / hh.rate if hh.rate else float("inf")
             line += f"; Hardhat {hh.rate:,.1f}/s; ratio {ratio:.2f}x (target >= 2x: {'met' if ratio >= 2 else 'NOT met'})"
+        reference = by.get(("embedded-py-evm", mode))
+        if reference is not None:
+            cpu = (emb.cpu / emb.grants) / (reference.cpu / reference.grants)
+            line += (f"; on py-evm's own interpreter {reference.rate:,.1f}/s "
+                     f"(x{emb.rate / reference.rate:.2f} grants/s, x{cpu:.2f} CPU per grant)")
         lines.append(line)
     if hardhat_note:
         lines.append(f"[yellow]{hardhat_note}: no ratio measured[/]")
@@ -322,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="Hardhat JSON-RPC URL (default $TELELEDGER_TEST_CHAIN_URL)")
     parser.add_argument("--hardhat-grants", type=int, default=None,
                         help="grants per mode on Hardhat (default: --grants)")
+    parser.add_argument("--py-evm-baseline", action="store_true",
+                        help="also run the embedded chain on py-evm's own interpreter and tries (before/after)")
     parser.add_argument("--dir", type=Path, default=None, help="embedded chain directory (default: a fresh temporary one)")
     args = parser.parse_args(argv)
 
@@ -336,8 +346,12 @@ def main(argv: list[str] | None = None) -> int:
 
     results: list[Result] = []
     embedded = EmbeddedChain(workdir / "chain", keys.PrivateKey(os.urandom(32)))
+    reference = (EmbeddedChain(workdir / "chain-py-evm", keys.PrivateKey(os.urandom(32)), fast_evm=False)
+                 if args.py_evm_baseline else None)
     try:
         backends: list[tuple[str, ChainClient, Any, int]] = [("embedded", embedded, lambda address: None, args.grants)]
+        if reference is not None:
+            backends.append(("embedded-py-evm", reference, lambda address: None, args.grants))
         if hardhat is not None:
             url = args.hardhat_url
 
@@ -355,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
                     results.append(world.run(mode, args, bar))
     finally:
         embedded.close()
+        if reference is not None:
+            reference.close()
         if hardhat is not None:
             hardhat.close()
         if args.dir is None:

@@ -43,12 +43,16 @@ external node; ``transact`` then raises ``ChainRevert`` with the contract's reas
 carries it in ``error``. Signature recovery goes through eth_keys, which uses libsecp256k1
 (coincurve) when installed — once per transaction (``_SealingLegacyTransaction``).
 
-Throughput (``bench/bench_chain.py``) is bound by py-evm's Python interpreter and hexary trie,
-not by SQLite: per consent grant about half is EVM execution, a fifth the storage-trie root.
-What this module does about the rest: py-evm's writes are buffered per block and committed
-values cached in memory (``SQLiteKV``); blocks are built by ``_mine`` without ``mine_all``'s
-re-validation and read-back; per-transaction work py-evm does twice or needlessly is skipped
-(``AuthorityVM``, ``_SealingLegacyTransaction``).
+Throughput (``bench/bench_chain.py``) is bound by py-evm's Python code, not by SQLite. The
+chain runs py-evm's Cancun VM with two of its hot spots replaced, results unchanged: the opcode
+loop, the ecrecover precompile and sender recovery (``interpreter``), and the Merkle Patricia
+tries — account, storage, transactions, receipts — written once per block instead of once per
+key (``trie``). ``EmbeddedChain(fast_evm=False)`` runs py-evm's own code instead (the
+reference the benchmark and ``tests/chain/test_fast_interpreter.py`` compare with). Besides:
+py-evm's writes are buffered per block and committed values cached in memory (``SQLiteKV``);
+blocks are built by ``_mine`` without ``mine_all``'s re-validation and read-back;
+per-transaction work py-evm does twice or needlessly is skipped (``AuthorityVM``,
+``_SealingLegacyTransaction``).
 
 This module must never acknowledge a transaction before its block is committed, and never write
 outside the one transaction of the block being sealed (opening a new chain is the genesis block).
@@ -72,9 +76,11 @@ from eth.chains.base import MiningChain
 from eth.db.atomic import AtomicDB
 from eth.db.backends.base import BaseDB
 from eth.vm.forks.cancun import CancunVM
+from eth.vm.forks.cancun.state import CancunState
 from eth.vm.forks.cancun.transactions import CancunLegacyTransaction, CancunTransactionBuilder
 from eth.vm.spoof import SpoofTransaction
 from eth_keys import keys
+from eth_keys.exceptions import BadSignature
 from eth_utils import keccak, to_canonical_address, to_checksum_address
 
 from teleledger.core.errors import TeleledgerError
@@ -95,6 +101,8 @@ from teleledger.ledger.chain.client import (
     revert_reason,
     sign_transaction,
 )
+from teleledger.ledger.chain.interpreter import FastState, recover_signer
+from teleledger.ledger.chain.trie import trie_root_and_nodes
 
 DEFAULT_CHAIN_ID = 1337
 #: per-transaction gas limit; gas is free here, the limit only bounds runaway code
@@ -129,7 +137,10 @@ class AuthorityVM(CancunVM):
     blob-gas header update (the chain takes legacy transactions only, which carry no blobs;
     each update is a header copy) and ``validate_receipt``, which re-checks that the receipt
     py-evm itself just built lists its logs in its own bloom filter (a keccak per topic).
+    Execution and tries are py-evm's, made faster by ``interpreter`` and ``trie``.
     """
+
+    _state_class = FastState
 
     @classmethod
     def validate_header(cls, header: Any, parent_header: Any) -> None:
@@ -147,6 +158,31 @@ class AuthorityVM(CancunVM):
     def validate_receipt(cls, receipt: Any) -> None:
         return None
 
+    def set_block_transactions_and_withdrawals(
+        self, base_block: Any, new_header: Any, transactions: Any, receipts: Any, withdrawals: Any = None,
+    ) -> Any:
+        """py-evm's method with its transaction and receipt tries built by ``trie.trie_root_and_nodes``
+        (each node encoded and hashed once, instead of once per inserted item)."""
+        if withdrawals:  # never on this chain; py-evm's own path keeps it exact if it ever were
+            return super().set_block_transactions_and_withdrawals(base_block, new_header, transactions, receipts,
+                                                                  withdrawals)
+        tx_root, tx_nodes = trie_root_and_nodes(tx.encode() for tx in transactions)
+        self.chaindb.persist_trie_data_dict(tx_nodes)
+        receipt_root, receipt_nodes = trie_root_and_nodes(r.encode() for r in receipts)
+        self.chaindb.persist_trie_data_dict(receipt_nodes)
+        return base_block.copy(
+            transactions=transactions,
+            header=new_header.copy(transaction_root=tx_root, receipt_root=receipt_root),
+        )
+
+
+class ReferenceAuthorityVM(AuthorityVM):
+    """``AuthorityVM`` on py-evm's own opcode loop, precompiles and tries (no ``interpreter``, no
+    ``trie`` inside the VM): the reference to compare with (``EmbeddedChain(fast_evm=False)``)."""
+
+    _state_class = CancunState
+    set_block_transactions_and_withdrawals = CancunVM.set_block_transactions_and_withdrawals
+
 
 class _SealingLegacyTransaction(CancunLegacyTransaction):
     """A legacy transaction as the sealer handles it: hashed once, its signer recovered once.
@@ -155,7 +191,7 @@ class _SealingLegacyTransaction(CancunLegacyTransaction):
     check recovers the signer and then verifies the signature against it — on top of the
     recovery behind ``sender``. Recovering the signer already proves the signature valid
     (libsecp256k1 refuses to recover from an invalid one), so the check is the recovery,
-    done once and cached.
+    done once and cached; and it calls libsecp256k1 directly (``interpreter.recover_signer``).
     """
 
     @cached_property
@@ -164,6 +200,12 @@ class _SealingLegacyTransaction(CancunLegacyTransaction):
 
     def check_signature_validity(self) -> None:
         self.sender  # noqa: B018 - recovers (raises on a bad signature) and caches
+
+    def get_sender(self) -> bytes:
+        signer = recover_signer(keccak(self.get_message_for_signing()), self.y_parity, self.r, self.s)
+        if signer is None:
+            raise BadSignature("the transaction signature does not recover a key")
+        return signer
 
 
 class _SealingTransactionBuilder(CancunTransactionBuilder):
@@ -286,7 +328,10 @@ class EmbeddedChain:
 
     mode = "embedded"
 
-    def __init__(self, path: Path | str, authority_key: Any, *, chain_id: int = DEFAULT_CHAIN_ID) -> None:
+    def __init__(self, path: Path | str, authority_key: Any, *, chain_id: int = DEFAULT_CHAIN_ID,
+                 fast_evm: bool = True) -> None:
+        """``fast_evm=False`` executes on py-evm's own interpreter and tries (``ReferenceAuthorityVM``):
+        the same chain, slower; the baseline ``bench/bench_chain.py --py-evm-baseline`` measures."""
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self._authority = private_key(authority_key)
@@ -302,7 +347,8 @@ class EmbeddedChain:
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.executescript(_SCHEMA)
         self._chain_class = MiningChain.configure(
-            __name__="TeleledgerEmbeddedChain", vm_configuration=((constants.GENESIS_BLOCK_NUMBER, AuthorityVM),),
+            __name__="TeleledgerEmbeddedChain",
+            vm_configuration=((constants.GENESIS_BLOCK_NUMBER, AuthorityVM if fast_evm else ReferenceAuthorityVM),),
             chain_id=chain_id,
         )
         self._kv = SQLiteKV(self._conn)
