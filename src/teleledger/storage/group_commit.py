@@ -101,6 +101,7 @@ class GroupCommit:
         self._conn: Connection | None = None
         self._pid = os.getpid()
         self._group: _Group | None = None
+        self._savepoint = False  # whether the unit holding the lock runs in a savepoint
         # event-loop callers told the lock was busy, waiting for its release: (loop, future)
         self._free_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         #: shared commits made, and the units they made durable (their ratio: the group size)
@@ -172,13 +173,21 @@ class GroupCommit:
 
     def join(self, *, fail_fast: bool) -> Connection:
         """Begin a unit (lock held): open the group's transaction if none is open, then a
-        savepoint for this unit. On error the caller releases the lock."""
+        savepoint for this unit. On error the caller releases the lock.
+
+        The first unit of a group needs no savepoint — if it fails, the whole transaction
+        holds nothing else and is rolled back — which spares the uncontended case (the CLI,
+        an import, a quiet server) SQLite's statement journal: a copy of every page the unit
+        changes, which for a large import would be as large as the import."""
         conn = self.connection()
         if self._group is None:
             self._begin_immediate(conn, fail_fast=fail_fast)
             self._group = _Group()
+            self._savepoint = False
+            return conn
         driver = conn.connection.driver_connection
         driver.execute(f"SAVEPOINT {_SAVEPOINT}")  # type: ignore[union-attr]
+        self._savepoint = True
         return conn
 
     def _begin_immediate(self, conn: Connection, *, fail_fast: bool) -> None:
@@ -220,9 +229,16 @@ class GroupCommit:
         mine = False
         try:
             if succeeded:
-                driver.execute(f"RELEASE {_SAVEPOINT}")  # type: ignore[union-attr]
+                if self._savepoint:
+                    driver.execute(f"RELEASE {_SAVEPOINT}")  # type: ignore[union-attr]
                 group.members += 1
                 mine = True
+            elif not self._savepoint:
+                # the group's first unit: nothing else is in the transaction, roll it all back
+                assert group.members == 0
+                self._end_group(group, None)
+                self.release()
+                return None
             elif driver.in_transaction:  # type: ignore[union-attr]
                 driver.execute(f"ROLLBACK TO {_SAVEPOINT}")  # type: ignore[union-attr]
                 driver.execute(f"RELEASE {_SAVEPOINT}")  # type: ignore[union-attr]
