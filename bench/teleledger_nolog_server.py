@@ -8,8 +8,10 @@ log on / off ≥ 0.85×). It reads ``Settings`` from the ``TELELEDGER_*`` variab
 ``web.app.create_app(node)`` on the same uvicorn settings; then it takes the log out at the one
 place every log write goes through, the node's ``records.audit.Auditor``:
 
-* **change entries** — ``ResourceStore.on_change`` (bound to ``Auditor.changes`` by bootstrap)
-  is unset: no keyed hash of the stored version, no entry encoded, no ``log_queue`` row;
+* **change entries** — ``Auditor.changes`` (the store's change hook, behind the records
+  service's care-relationship upkeep, which stays) gets an empty entry per stored version and
+  a log that keeps nothing: no keyed hash of the stored version, no entry encoded, no
+  ``log_queue`` row;
 * **access entries** — ``Auditor.log`` is a log that keeps nothing: no ``log_queue`` row. The
   access entry is still encoded, because the ``access_events`` row (the AuditEvent, kept) stores
   the hash of it in its non-null ``leaf_hash`` column;
@@ -41,9 +43,16 @@ class _DiscardedLog:
 
 def without_log(node):  # type: ignore[no-untyped-def]
     """``node`` with the log's writes removed (see the module docstring); returns it."""
-    node.records.store.on_change = None
+    # not ``store.on_change = None``: the records service chains its care-relationship upkeep
+    # in front of the auditor's change hook (bound before we get here), and that upkeep is not
+    # the log's. The hook stays; what it does for the log goes: no keyed hash, no entry
+    node.auditor.change_entry = _no_change_entry
     node.auditor.log = _DiscardedLog()
     return node
+
+
+def _no_change_entry(stored: object) -> bytes:
+    return b""
 
 
 def create() -> FastAPI:
