@@ -671,8 +671,8 @@ async def bench(args: argparse.Namespace, server: Server) -> int:
     plan = orjson.loads((args.home / "plan.json").read_bytes())
     headers = {who: {"Authorization": f"Bearer {await token(server.port, name)}"}
                for who, name in (("practitioner", "bench-doctor"), ("pharmacist", "bench-pharmacist"))}
-    requests = {who: [tuple(r) for r in reqs] for who, reqs in plan["requests"].items()}
-    requests, facts = await preflight(server.port, headers, requests)  # type: ignore[arg-type]
+    requests = {who: [(str(r[0]), str(r[1])) for r in reqs] for who, reqs in plan["requests"].items()}
+    requests, facts = await preflight(server.port, headers, requests)
     if not all(requests.values()):
         raise SystemExit(f"nothing left to replay after the pre-flight: {facts}")
     before = machine()

@@ -39,6 +39,7 @@ import struct
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from teleledger.ledger.log import merkle
@@ -53,7 +54,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Connection, Engine, func, select
 
 from teleledger.ledger.log.entry import encode_access, encode_change
 from teleledger.ledger.log.note import Ed25519Signer, open_checkpoint
@@ -248,7 +249,8 @@ def bench_batched(directory: Path, batch: int, total: int, synchronous: str) -> 
     leaves = [make_entry(rng, i) for i in range(total)]
     checked_engine, _ = fresh_engine(directory, "batched-checked.db", synchronous)
     checked_log = TransparencyLog(checked_engine, SIGNER)
-    def append_all(bar: Progress, label: str, engine: Engine, append) -> float:  # type: ignore[no-untyped-def]
+    def append_all(bar: Progress, label: str, engine: Engine,
+                   append: Callable[[Connection, Sequence[bytes]], None]) -> float:
         task = bar.add_task(f"{label}, {batch} per transaction", total=total)
         started = time.perf_counter()
         for at in range(0, total, batch):

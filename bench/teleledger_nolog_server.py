@@ -29,9 +29,13 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from sqlalchemy import Connection
+
+if TYPE_CHECKING:
+    from teleledger.bootstrap import Node
 
 
 class _DiscardedLog:
@@ -41,7 +45,7 @@ class _DiscardedLog:
         pass
 
 
-def without_log(node):  # type: ignore[no-untyped-def]
+def without_log(node: Node) -> Node:
     """``node`` with the log's writes removed (see the module docstring); returns it."""
     # not ``store.on_change = None``: the records service chains its care-relationship upkeep
     # in front of the auditor's change hook (bound before we get here), and that upkeep is not

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from sqlalchemy import Column, Connection, String, Table, and_, select
+from sqlalchemy import Column, Connection, Select, String, Table, and_, select
 
 from teleledger.fhir import compartment
 from teleledger.fhir import searchparams as sp
@@ -79,7 +79,7 @@ def pairs_of(resource_type: str, body: dict | None) -> frozenset[Pair]:
     return frozenset((pr, pa) for pr in practitioners for pa in patients)
 
 
-def pairs_indexed_sql():  # type: ignore[no-untyped-def]
+def pairs_indexed_sql() -> Select[tuple[str, str]]:
     """(practitioner id, patient id) of every care relationship, computed from the search index."""
     ref, comp = t.idx_reference, t.resource_compartments
     return (

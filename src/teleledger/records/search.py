@@ -41,6 +41,9 @@ from teleledger.records.care_tables import care_relationships
 from teleledger.records.index import LABEL_PARAM, MAX_PREFIX, token_hashes
 from teleledger.storage import tables as t
 
+#: a column (or column expression) of string values: resource types, ids, patient ids
+Col = ColumnElement[str]
+
 R = t.resources
 
 
@@ -64,7 +67,7 @@ class Visibility:
 THREAD_PARAMS = ("sender", "recipient")
 
 
-def in_thread_clause(practitioner_id: str, type_col, id_col) -> ColumnElement[bool]:  # type: ignore[no-untyped-def]
+def in_thread_clause(practitioner_id: str, type_col: Col, id_col: Col) -> ColumnElement[bool]:
     """The negation of ``policy.model.outside_thread`` over the index: the row is not a message
     (``THREAD_TYPES``), or names no sender or recipient, or names ``Practitioner/<id>`` as one."""
     ref = t.idx_reference
@@ -88,7 +91,7 @@ def care_patients_subquery(practitioner_id: str):  # type: ignore[no-untyped-def
     return select(c.patient_id).where(c.practitioner_id == practitioner_id)
 
 
-def visibility_clause(vis: Visibility, type_col, id_col, *, hinted: bool = False) -> ColumnElement[bool]:  # type: ignore[no-untyped-def]
+def visibility_clause(vis: Visibility, type_col: Col, id_col: Col, *, hinted: bool = False) -> ColumnElement[bool]:
     """SQL restriction for rows (type_col, id_col) under ``vis``.
 
     "Patient data" means exactly what the policy means by it: a resource in at least one
@@ -131,7 +134,7 @@ def visibility_clause(vis: Visibility, type_col, id_col, *, hinted: bool = False
 _EMPTY = literal_column("''")  # written in, not a parameter: see ``_rendered``
 
 
-def _rule_clause(rule: pm.RowRule, label_hash: Callable[[str], str], type_col, id_col) -> ColumnElement[bool]:  # type: ignore[no-untyped-def]
+def _rule_clause(rule: pm.RowRule, label_hash: Callable[[str], str], type_col: Col, id_col: Col) -> ColumnElement[bool]:
     """One ``policy.model`` row rule as SQL over the row's type and its label rows (the mapping
     the ``RowRule`` comment in ``policy.model`` gives)."""
     tok = t.idx_token
@@ -174,7 +177,7 @@ def hint_parameters(f: pm.Consented, patient_id: str) -> dict[str, object]:
     return out
 
 
-def _allowed(f: pm.Consented, p, label_hash: Callable[[str], str], type_col, id_col, *,  # type: ignore[no-untyped-def]
+def _allowed(f: pm.Consented, p: Col, label_hash: Callable[[str], str], type_col: Col, id_col: Col, *,
              hinted: bool) -> ColumnElement[bool]:
     """Whether compartment patient ``p`` allows the row (``Consented``: break-glass, or no deny
     and care or a permit). ``hinted``: ``p`` is the hinted patient, whose membership of
@@ -207,7 +210,7 @@ def _allowed(f: pm.Consented, p, label_hash: Callable[[str], str], type_col, id_
     return allowed
 
 
-def _consented_clause(f: pm.Consented, label_hash: Callable[[str], str], type_col, id_col, *,  # type: ignore[no-untyped-def]
+def _consented_clause(f: pm.Consented, label_hash: Callable[[str], str], type_col: Col, id_col: Col, *,
                       hinted: bool = False) -> ColumnElement[bool]:
     """``Consented`` (policy.model) for rows in a compartment: the patient's own record, or no
     compartment patient who is not allowed (``_allowed``).

@@ -112,7 +112,7 @@ async def _durable(pending: list[tuple[Any, Any, list]], *, quiet: bool = False)
     for group_commit_, group, callbacks in pending:
         try:
             await group_commit_.durable(group)
-        except group_commit.GroupFailed as exc:
+        except group_commit.GroupCommitError as exc:
             failed = failed or exc
             continue
         for fn in callbacks:
@@ -298,7 +298,7 @@ class UnitOfWork:
             try:
                 open_group = group.leave(succeeded=True, fail_fast=_FAIL_FAST.get() is not None,
                                          defer=deferred is not None)
-            except group_commit.GroupFailed as exc:
+            except group_commit.GroupCommitError as exc:
                 raise StorageUnavailable(
                     "the database could not store the change (nothing was stored); try again") from exc
             if open_group is not None:

@@ -39,7 +39,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import Connection, Engine, event
 from sqlalchemy.exc import OperationalError
@@ -56,8 +56,9 @@ _SAVEPOINT = "teleledger_unit"
 HOLD = "teleledger_group_hold"
 
 
-class GroupFailed(Exception):  # noqa: N818 - the group's commit failed; the unit's work is not stored
-    """The commit shared by a group failed after this unit's work had joined it."""
+class GroupCommitError(Exception):
+    """The commit shared by a group failed after this unit's work had joined it: the unit's
+    work is not stored."""
 
 
 class NestedUnitOfWork(RuntimeError):
@@ -185,8 +186,8 @@ class GroupCommit:
             self._group = _Group()
             self._savepoint = False
             return conn
-        driver = conn.connection.driver_connection
-        driver.execute(f"SAVEPOINT {_SAVEPOINT}")  # type: ignore[union-attr]
+        driver = _driver(conn)
+        driver.execute(f"SAVEPOINT {_SAVEPOINT}")
         self._savepoint = True
         return conn
 
@@ -195,13 +196,13 @@ class GroupCommit:
         lock already, so a busy database here is another process, or a connection of this one
         finishing its commit: poll briefly instead of sleeping in SQLite's busy handler
         (``fail_fast``: raise ``LockBusy`` at once)."""
-        driver = conn.connection.driver_connection
+        driver = _driver(conn)
         deadline = time.monotonic() + self._timeout_s
         conn.info[_BEGUN_BY_GROUP] = True
         try:
             while True:
                 try:
-                    driver.execute("BEGIN IMMEDIATE")  # type: ignore[union-attr]
+                    driver.execute("BEGIN IMMEDIATE")
                     break
                 except sqlite3.OperationalError as exc:
                     text = str(exc)
@@ -218,19 +219,19 @@ class GroupCommit:
 
     def leave(self, *, succeeded: bool, fail_fast: bool, defer: bool = False) -> _Group | None:
         """End a unit (lock held; released here). ``succeeded``: release its savepoint into
-        the group and return once the group's commit made it durable (``GroupFailed`` if that
+        the group and return once the group's commit made it durable (``GroupCommitError`` if that
         commit failed); otherwise roll the unit back alone. ``fail_fast`` (the event loop)
         never blocks waiting for others: it commits the group itself — unless ``defer``: then
         a successful unit returns its still open group, and its caller awaits ``durable``."""
         conn = self._conn
         group = self._group
         assert conn is not None and group is not None
-        driver = conn.connection.driver_connection
+        driver = _driver(conn)
         mine = False
         try:
             if succeeded:
                 if self._savepoint:
-                    driver.execute(f"RELEASE {_SAVEPOINT}")  # type: ignore[union-attr]
+                    driver.execute(f"RELEASE {_SAVEPOINT}")
                 group.members += 1
                 mine = True
             elif not self._savepoint:
@@ -239,21 +240,21 @@ class GroupCommit:
                 self._end_group(group, None)
                 self.release()
                 return None
-            elif driver.in_transaction:  # type: ignore[union-attr]
-                driver.execute(f"ROLLBACK TO {_SAVEPOINT}")  # type: ignore[union-attr]
-                driver.execute(f"RELEASE {_SAVEPOINT}")  # type: ignore[union-attr]
+            elif driver.in_transaction:
+                driver.execute(f"ROLLBACK TO {_SAVEPOINT}")
+                driver.execute(f"RELEASE {_SAVEPOINT}")
         except BaseException as exc:
             self._end_group(group, exc)
             self.release()
             raise
-        if not driver.in_transaction:  # type: ignore[union-attr]
+        if not driver.in_transaction:
             # SQLite rolled the whole transaction back (disk full, I/O error): the group is lost
             lost = OperationalError("COMMIT", None, sqlite3.OperationalError(
                 "the transaction was rolled back by the database"))
             self._end_group(group, lost)
             self.release()
             if mine:
-                raise GroupFailed from lost
+                raise GroupCommitError from lost
             return None
         full = group.members >= MAX_MEMBERS or time.monotonic() - group.started >= MAX_AGE_S
         if mine and defer and not full:
@@ -268,14 +269,14 @@ class GroupCommit:
         self._commit_group(group)
         self.release()
         if mine and group.error is not None:
-            raise GroupFailed from group.error
+            raise GroupCommitError from group.error
         return None
 
     # ------------------------------------------------------------------ event-loop members
 
     def durable(self, group: _Group) -> asyncio.Future[None]:
         """A future (of the running loop) that completes when ``group`` has committed, or
-        fails with ``GroupFailed``. Schedules a commit attempt for when the loop has run the
+        fails with ``GroupCommitError``. Schedules a commit attempt for when the loop has run the
         callbacks already ready — the other requests of this turn of the loop join first."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
@@ -356,9 +357,9 @@ class GroupCommit:
 
     def _await(self, group: _Group) -> None:
         if not group.done.wait(WAIT_S):
-            raise GroupFailed("the group's commit did not happen in time")
+            raise GroupCommitError("the group's commit did not happen in time")
         if group.error is not None:
-            raise GroupFailed from group.error
+            raise GroupCommitError from group.error
 
     def close(self) -> None:
         """The engine is being disposed: give back the shared connection."""
@@ -368,6 +369,11 @@ class GroupCommit:
             conn, self._conn = self._conn, None
             if conn is not None and self._pid == os.getpid():
                 conn.close()
+
+
+def _driver(conn: Connection) -> sqlite3.Connection:
+    """The shared connection's sqlite3 connection (group commit exists only on SQLite)."""
+    return cast(sqlite3.Connection, conn.connection.driver_connection)
 
 
 def _wake(waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]],
@@ -394,7 +400,7 @@ def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
     if error is None:
         future.set_result(None)
     else:
-        failed = GroupFailed("the shared commit failed")
+        failed = GroupCommitError("the shared commit failed")
         failed.__cause__ = error
         future.set_exception(failed)
 

@@ -116,6 +116,19 @@ def _memory_cost(size: int, end: int) -> int:
         old * GAS_MEMORY + old * old // GAS_MEMORY_QUADRATIC_DENOMINATOR)
 
 
+def _grow(memory_: Any, start: int, size: int, end: int, cost: int, gas: int) -> int:
+    """Grow memory to cover ``end`` for an opcode of base ``cost``: the cost with growth, or
+    ``_Slow`` (py-evm's own opcode then charges and raises) past the limit or the gas left.
+    Only on growth, so the plain case of MLOAD/MSTORE/copies stays inline."""
+    if end > _MEMORY_LIMIT:
+        raise _Slow
+    cost += _memory_cost(len(memory_._bytes), end)
+    if cost > gas:
+        raise _Slow
+    memory_.extend(start, size)
+    return cost
+
+
 class _Analysis:
     """What the loop needs to know about one bytecode, computed once."""
 
@@ -253,12 +266,7 @@ def _run(computation: Any, kinds: list[int], costs: list[int]) -> None:  # noqa:
                     start, value = values[-1], values[-2]
                     end = start + 32
                     if end > len(memory_._bytes):
-                        if end > _MEMORY_LIMIT:
-                            raise _Slow
-                        cost += _memory_cost(len(memory_._bytes), end)
-                        if cost > gas:
-                            raise _Slow
-                        memory_.extend(start, 32)
+                        cost = _grow(memory_, start, 32, end, cost, gas)
                     memory_._bytes[start:end] = value.to_bytes(32, "big")
                     del values[-2:]
                     gas -= cost
@@ -268,12 +276,7 @@ def _run(computation: Any, kinds: list[int], costs: list[int]) -> None:  # noqa:
                     start = values[-1]
                     end = start + 32
                     if end > len(memory_._bytes):
-                        if end > _MEMORY_LIMIT:
-                            raise _Slow
-                        cost += _memory_cost(len(memory_._bytes), end)
-                        if cost > gas:
-                            raise _Slow
-                        memory_.extend(start, 32)
+                        cost = _grow(memory_, start, 32, end, cost, gas)
                     values[-1] = int.from_bytes(memory_._bytes[start:end], "big")
                     gas -= cost
                     pc += 1
@@ -354,12 +357,7 @@ def _run(computation: Any, kinds: list[int], costs: list[int]) -> None:  # noqa:
                         end = (max(start, source) if kind == _MCOPY else start) + size
                         cost += GAS_COPY * ((size + 31) // 32)
                     if size and end > len(memory_._bytes):
-                        if end > _MEMORY_LIMIT:
-                            raise _Slow
-                        cost += _memory_cost(len(memory_._bytes), end)
-                        if cost > gas:
-                            raise _Slow
-                        memory_.extend(max(start, source) if kind == _MCOPY else start, size)
+                        cost = _grow(memory_, max(start, source) if kind == _MCOPY else start, size, end, cost, gas)
                     elif cost > gas:
                         raise _Slow
                     buf = memory_._bytes

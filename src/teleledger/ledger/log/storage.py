@@ -253,7 +253,10 @@ def read_only_engine(engine: Engine) -> Engine:
 def sequencer_engine(engine: Engine, *, poll: float = 0.0005, timeout: float = 30.0) -> Engine:
     """An engine for the sequencer's own transactions (integrate, checkpoint, cosignatures).
 
-    On a SQLite file: one or two connections to the same file, with the main engine's
+    On a SQLite file under group commit (every engine ``storage.db.make_engine`` makes): the
+    main engine itself — the sequencer's transactions queue on the process's write lock and
+    join groups like every other writer, which is fair without polling. On any other SQLite
+    file engine: one or two connections to the same file, with the main engine's
     ``synchronous`` level, that take the write lock by retrying ``BEGIN IMMEDIATE`` every
     ``poll`` seconds. SQLite's busy handler — what every other writer waits in — sleeps 1, 2,
     5 … 100 ms between attempts, so under a few dozen writers the single sequencer thread was
